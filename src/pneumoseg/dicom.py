@@ -1,0 +1,157 @@
+"""Reading chest X-ray DICOMs into display-ready uint8 images: the one decoding path shared by
+conversion, prediction and serving.
+
+Only non-identifying header fields ever leave this module (:data:`SAFE_FIELDS`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+SAFE_FIELDS = (
+    "sex",
+    "age",
+    "view_position",
+    "modality",
+    "photometric",
+    "bits_stored",
+    "transfer_syntax",
+)
+
+
+class DicomReadError(Exception):
+    """A file that cannot be turned into an image; ``str(err)`` is a one-line reason."""
+
+
+@dataclass
+class DicomImage:
+    """A decoded radiograph: uint8, air dark, at the DICOM's own Rows x Columns."""
+
+    image: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+
+def _age(value: Any) -> str:
+    """PatientAge ('038Y', '38', '6M') as whole years; ages over 89 become '90+' (HIPAA)."""
+    match = re.fullmatch(r"\s*0*(\d+)\s*([YMWD]?)\s*", str(value or ""))
+    if not match:
+        return ""
+    number, unit = int(match.group(1)), match.group(2) or "Y"
+    years = {"Y": number, "M": number // 12, "W": number // 52, "D": number // 365}[unit]
+    return "90+" if years >= 90 else str(years)
+
+
+def safe_meta(ds: Any) -> dict[str, Any]:
+    """The non-identifying fields of a dataset (see :data:`SAFE_FIELDS`)."""
+    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return {
+        "sex": sex if sex in ("M", "F", "O") else "",
+        "age": _age(ds.get("PatientAge")),
+        "view_position": view if re.fullmatch(r"[A-Z]{1,4}", view) else "",
+        "modality": str(ds.get("Modality", "") or "")[:4],
+        "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
+        "bits_stored": int(ds.get("BitsStored", 0) or 0),
+        "transfer_syntax": tsyntax.name if tsyntax is not None else "",
+    }
+
+
+def _first(value: Any) -> float:
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """Map stored pixel values to uint8 with air dark.
+
+    8-bit MONOCHROME2 without a VOI passes through unchanged (the SIIM case). Otherwise the
+    modality LUT is applied, then the VOI LUT or first window if the file has one, else a robust
+    0.5-99.5 percentile stretch; MONOCHROME1 is inverted last.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        arr = cv2.cvtColor(arr.astype(np.uint8), cv2.COLOR_RGB2GRAY)
+        photometric = "MONOCHROME2"
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    has_voi_lut = "VOILUTSequence" in ds
+    bits = int(ds.get("BitsStored", 8) or 8)
+    if bits <= 8 and arr.dtype == np.uint8 and not (has_window or has_voi_lut):
+        out = arr
+    else:
+        values = apply_modality_lut(arr, ds).astype(np.float64)
+        if has_voi_lut:
+            values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
+            lo, hi = values.min(), values.max()
+        elif has_window:
+            center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
+            lo, hi = center - width / 2.0, center + width / 2.0
+        else:
+            lo, hi = np.percentile(values, [0.5, 99.5])
+        scaled = np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+        out = np.round(scaled * 255.0).astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return np.ascontiguousarray(out)
+
+
+def read_dicom(path: str | Path) -> DicomImage:
+    """Read one DICOM file; raise :class:`DicomReadError` with a one-line reason on failure."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path))
+    except InvalidDicomError:
+        raise DicomReadError("not a DICOM file (no DICM preamble/header)") from None
+    except Exception as exc:  # truncated headers raise various errors
+        raise DicomReadError(f"unreadable DICOM header: {type(exc).__name__}") from None
+    if "PixelData" not in ds:
+        raise DicomReadError("DICOM has no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise DicomReadError(f"pixel data cannot be decoded: {reason}") from None
+    if arr.ndim == 3 and arr.shape[-1] != 3:
+        arr = arr[0]  # multi-frame: first frame
+    if arr.ndim != 2 and not (arr.ndim == 3 and arr.shape[-1] == 3):
+        raise DicomReadError(f"unexpected pixel array shape {arr.shape}")
+    return DicomImage(image=to_uint8(arr, ds), meta=safe_meta(ds))
+
+
+def prepare_image(image: np.ndarray, size: int, clahe: Any | None = None) -> np.ndarray:
+    """Optional CLAHE (``clahe.enabled``), then area-resize to ``size`` x ``size`` (uint8)."""
+    if clahe is not None and getattr(clahe, "enabled", False):
+        grid = int(clahe.tile_grid)
+        image = cv2.createCLAHE(clipLimit=float(clahe.clip_limit), tileGridSize=(grid, grid)).apply(
+            image
+        )
+    if image.shape != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of a 0/1 mask to ``size`` x ``size``."""
+    if mask.shape == (size, size):
+        return mask
+    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)

@@ -1,0 +1,135 @@
+"""Model factory over segmentation-models-pytorch and the self-describing model file format.
+
+A model file is ``torch.save({"format", "state_dict", "meta"})`` with only tensors and plain
+values inside, so it loads with ``torch.load(weights_only=True)``; ``meta`` holds what is needed
+to rebuild the network (arch, encoder, in_channels, ...) plus lineage (fold, params hash,
+MLflow run id).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pneumoseg.params import ModelParams
+
+MODEL_FORMAT = "pneumoseg-model/1"
+HUB_WEIGHTS = ("imagenet", "ssl", "swsl", "instagram", "advprop", "noisy-student")
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or loaded; the message names the params key or file."""
+
+
+def _load_local_encoder(model: nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"model.encoder_weights: cannot load {path}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"model.encoder_weights: {path} holds no state dict")
+    encoder = model.encoder  # type: ignore[attr-defined]
+    own = encoder.state_dict()
+    matched = {}
+    for key, value in state.items():
+        name = key.removeprefix("encoder.")
+        if name not in own or not isinstance(value, torch.Tensor):
+            continue
+        if value.ndim == 4 and own[name].ndim == 4 and value.shape[1] > own[name].shape[1] == 1:
+            value = value.sum(dim=1, keepdim=True)  # RGB stem -> grayscale: sum colour kernels
+        if value.shape == own[name].shape:
+            matched[name] = value
+    if not matched:
+        raise ModelError(f"model.encoder_weights: no tensor of {path} matches encoder")
+    encoder.load_state_dict(matched, strict=False)
+
+
+def build_model(cfg: ModelParams) -> nn.Module:
+    """Build an smp model with one output channel (and a classification head if asked)."""
+    import segmentation_models_pytorch as smp
+
+    weights = cfg.encoder_weights
+    local = Path(weights) if weights and weights not in HUB_WEIGHTS else None
+    if local is not None and not local.is_file():
+        raise ModelError(f"model.encoder_weights: {weights} is neither a hub name nor a file")
+    kwargs: dict[str, Any] = {}
+    if cfg.classification_head:
+        kwargs["aux_params"] = {"classes": 1, "dropout": 0.2}
+    if cfg.decoder_channels:
+        kwargs["decoder_channels"] = tuple(cfg.decoder_channels)
+    try:
+        model = smp.create_model(
+            cfg.arch,
+            encoder_name=cfg.encoder,
+            encoder_weights=None if local else weights,
+            in_channels=cfg.in_channels,
+            classes=1,
+            **kwargs,
+        )
+    except Exception as exc:
+        hint = ""
+        if weights in HUB_WEIGHTS and os.environ.get("HF_HUB_OFFLINE") == "1":
+            hint = " (HF_HUB_OFFLINE=1: use encoder_weights null or a local file)"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"model: cannot build {cfg.arch}/{cfg.encoder} weights={weights}: {first}{hint}"
+        ) from None
+    if local is not None:
+        _load_local_encoder(model, local)
+    return model
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mask logits (B,1,H,W) and classification logits (B,1) or None."""
+    out = model(x)
+    if isinstance(out, (tuple, list)):
+        return out[0], out[1]
+    return out, None
+
+
+def save_model_file(path: str | Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write a model file (state dict on CPU + meta); atomic via a temporary name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": MODEL_FORMAT, "state_dict": cpu, "meta": meta}, tmp)
+    tmp.replace(path)
+
+
+def load_model_file(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network from a model file's meta and load its weights (eval mode)."""
+    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise ModelError(f"{path}: not a pneumoseg model file")
+    meta = blob["meta"]
+    cfg = ModelParams(
+        arch=meta["arch"],
+        encoder=meta["encoder"],
+        encoder_weights=None,
+        in_channels=meta["in_channels"],
+        decoder_channels=meta.get("decoder_channels"),
+        classification_head=meta.get("classification_head", False),
+    )
+    model = build_model(cfg)
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval(), meta
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of float tensors; integer buffers (BN counters) from the first."""
+    out = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            out[key] = torch.stack([s[key].float() for s in states]).mean(0).to(first.dtype)
+        else:
+            out[key] = first.clone()
+    return out

@@ -1,0 +1,360 @@
+"""The validated ``params.yaml`` schema: the single source of truth for every parameter.
+
+Every CLI entry calls :func:`load_params`, which stops with a one-line message naming the key
+path (``params.yaml: train.parts[1].lr: must be > 0``) before any work is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; ``str(err)`` is the one-line message for the user."""
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DemoParams(Strict):
+    """Synthetic SIIM-like DICOM data set (`pneumoseg demo`)."""
+
+    out_dir: str = "data/raw/demo"
+    n_train: int = Field(320, ge=4)
+    n_test: int = Field(64, ge=0)
+    size: int = Field(512, ge=64, le=4096)
+    positive_fraction: Fraction = 0.22
+    seed: int = 2019
+
+
+class ClaheParams(Strict):
+    """Contrast-limited adaptive histogram equalisation applied after windowing."""
+
+    enabled: bool = False
+    clip_limit: PositiveFloat = 2.0
+    tile_grid: int = Field(8, ge=1, le=64)
+
+
+class DataParams(Strict):
+    """DICOM conversion (`pneumoseg convert`)."""
+
+    raw_dir: str = "data/raw/demo"  # searched recursively for <ImageId>.dcm
+    rle_csv: str | None = None  # None: raw_dir/train-rle.csv or raw_dir/stage_2_train.csv
+    rle_dialect: Literal["relative", "absolute", "auto"] = "auto"
+    processed_dir: str = "data/processed"
+    size: int = Field(256, ge=32, le=4096)
+    clahe: ClaheParams = ClaheParams()
+    workers: int = Field(2, ge=1)
+    max_failed_fraction: Fraction = 0.05
+
+
+class SplitParams(Strict):
+    """Stratified K-fold split (`pneumoseg split`)."""
+
+    n_folds: int = Field(5, ge=2)
+    seed: int = 42
+    out: str = "data/folds.csv"
+
+
+ARCHS = (
+    "Unet",
+    "UnetPlusPlus",
+    "FPN",
+    "PSPNet",
+    "DeepLabV3",
+    "DeepLabV3Plus",
+    "Linknet",
+    "MAnet",
+    "PAN",
+    "UPerNet",
+    "Segformer",
+)
+
+
+class ModelParams(Strict):
+    """An smp model: ``encoder_weights`` is null, ``imagenet`` (needs the hub) or a local file."""
+
+    arch: Literal[ARCHS] = "Unet"  # type: ignore[valid-type]
+    encoder: str = "tu-mobilenetv3_small_100"
+    encoder_weights: str | None = None
+    in_channels: Literal[1, 3] = 1
+    decoder_channels: list[Annotated[int, Field(ge=1)]] | None = None
+    classification_head: bool = False
+
+
+class LossParams(Strict):
+    """Combo loss weights (any subset > 0), e.g. bce 3, dice 1, focal 4."""
+
+    bce: float = Field(1.0, ge=0)
+    dice: float = Field(1.0, ge=0)
+    focal: float = Field(0.0, ge=0)
+    lovasz: float = Field(0.0, ge=0)
+    cls: float = Field(0.0, ge=0)  # classification-head BCE (needs model.classification_head)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> LossParams:
+        if self.bce + self.dice + self.focal + self.lovasz <= 0:
+            raise ValueError("bce: at least one of bce, dice, focal, lovasz must be > 0")
+        return self
+
+
+class SampleRateParams(Strict):
+    """Fraction of positive images per epoch: ``start`` -> ``end`` over a part's epochs."""
+
+    start: Annotated[float, Field(gt=0, le=1)] = 0.5
+    end: Annotated[float, Field(gt=0, le=1)] | None = None  # None: same as start
+    shape: Literal["constant", "linear", "step"] = "constant"
+    steps: int = Field(2, ge=1)  # number of plateaus for shape=step
+
+
+class SchedulerParams(Strict):
+    """Per-part learning-rate schedule (torch.optim.lr_scheduler)."""
+
+    name: Literal["constant", "cosine", "cosine_restarts", "plateau"] = "cosine"
+    min_lr: float = Field(1e-6, ge=0)
+    restart_epochs: int = Field(2, ge=1)  # cosine_restarts: T_0
+    restart_mult: int = Field(1, ge=1)  # cosine_restarts: T_mult
+    patience: int = Field(2, ge=0)  # plateau
+    factor: float = Field(0.5, gt=0, lt=1)  # plateau
+    warmup_epochs: int = Field(0, ge=0)
+
+
+class PartParams(Strict):
+    """One training part; each part starts from the previous part's best weights."""
+
+    size: int = Field(128, ge=32, le=4096)
+    epochs: int = Field(4, ge=1)
+    lr: PositiveFloat = 1e-3
+    scheduler: SchedulerParams = SchedulerParams()
+    loss: LossParams = LossParams()
+    sample_rate: SampleRateParams = SampleRateParams()
+
+
+class AugmentParams(Strict):
+    """Probabilities of albumentations transforms applied to image and mask together."""
+
+    hflip: Fraction = 0.5
+    brightness_contrast: Fraction = 0.5
+    gamma: Fraction = 0.3
+    distortion: Fraction = 0.2  # one of elastic / grid / optical distortion
+    affine: Fraction = 0.5
+    rotate_limit: float = Field(10.0, ge=0, le=180)
+    scale_limit: float = Field(0.1, ge=0, lt=1)
+    crop: Fraction = 0.0  # random resized crop back to the part size
+    crop_min_scale: float = Field(0.6, gt=0, le=1)
+
+
+class CheckpointParams(Strict):
+    """Top-k checkpoint selection and the final weights of a fold."""
+
+    monitor: str = "val_kaggle_dice"
+    mode: Literal["max", "min"] = "max"
+    top_k: int = Field(3, ge=1)
+    final: Literal["best", "average_top_k", "swa"] = "best"
+
+
+class SWAParams(Strict):
+    """Stochastic weight averaging over the last ``epochs`` epochs of the last part."""
+
+    epochs: int = Field(0, ge=0)  # 0: off
+    lr: float | None = Field(None, gt=0)  # None: keep the part's schedule
+
+
+class TrainParams(Strict):
+    """Training of one model per fold (`pneumoseg train --fold K`)."""
+
+    folds: list[Annotated[int, Field(ge=0)]] = [0, 1]
+    seed: int = 42
+    model: ModelParams = ModelParams()
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1)
+    accumulate_steps: int = Field(1, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+    workers: int = Field(0, ge=0)
+    amp: bool = True  # CUDA only
+    channels_last: bool = True
+    val_threshold: Fraction = 0.5
+    checkpoint: CheckpointParams = CheckpointParams()
+    swa: SWAParams = SWAParams()
+    augment: AugmentParams = AugmentParams()
+    parts: list[PartParams] = Field(default_factory=lambda: [PartParams()], min_length=1)
+    models_dir: str = "models"
+    work_dir: str = "checkpoints"  # resume state, outside DVC outs (git-ignored)
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.checkpoint.final == "swa" and self.swa.epochs == 0:
+            raise ValueError("checkpoint.final: 'swa' needs swa.epochs > 0")
+        if self.swa.epochs > self.parts[-1].epochs:
+            raise ValueError("swa.epochs: exceeds the epochs of the last part")
+        if any(p.loss.cls > 0 for p in self.parts) and not self.model.classification_head:
+            raise ValueError("parts: loss.cls > 0 needs model.classification_head: true")
+        if len(set(self.folds)) != len(self.folds):
+            raise ValueError("folds: must be unique")
+        return self
+
+
+class MlflowParams(Strict):
+    """Where runs are tracked; ``MLFLOW_TRACKING_URI`` overrides ``tracking_uri``."""
+
+    experiment: str = "pneumoseg"
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_location: str = "mlruns/artifacts"
+    registered_model: str = "pneumoseg"
+
+
+class Params(Strict):
+    """The whole ``params.yaml``."""
+
+    seed: int = 42
+    demo: DemoParams = DemoParams()
+    data: DataParams = DataParams()
+    split: SplitParams = SplitParams()
+    train: TrainParams = TrainParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _folds_exist(self) -> Params:
+        bad = [f for f in self.train.folds if f >= self.split.n_folds]
+        if bad:
+            raise ValueError(f"train.folds: {bad} must be < split.n_folds={self.split.n_folds}")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened ``a.b[0].c -> value`` view, used for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def digest(self, *sections: str) -> str:
+        """Short sha256 of the given sections (all when none), stable across key order."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {k: data[k] for k in sections}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts/lists into ``{"a.b[0].c": value}``."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        for i, value in enumerate(obj):
+            out.update(flatten(value, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = obj
+    return out
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "<root>"
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt:g}",
+    "greater_than_equal": "must be >= {ge:g}",
+    "less_than": "must be < {lt:g}",
+    "less_than_equal": "must be <= {le:g}",
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    template = _MESSAGES.get(error["type"])
+    if template:
+        return template.format(**error.get("ctx", {}))
+    msg = error["msg"]
+    if error["type"].endswith("_type") or error["type"].endswith("_parsing"):
+        msg += f" (got {error.get('input')!r})"
+    return msg[0].lower() + msg[1:]
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``<source>: <key path>: <what is wrong>``; the first line leads."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path, message = _loc_to_path(loc), _describe(e)
+        if e["type"] == "value_error":  # our validators: "<relative.key>: <problem>"
+            message = message.removeprefix("value error, ")
+            key, sep, rest = message.partition(": ")
+            if sep and re.fullmatch(r"[\w.\[\]]+", key):
+                path = key if path == "<root>" else f"{path}.{key}"
+                message = rest
+        lines.append(f"{source}: {path}: {message}")
+    return "\n".join(lines)
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``data`` at a dotted path such as ``train.parts[0].lr`` (creating dicts as needed)."""
+    tokens = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+    if not tokens:
+        raise ParamsError(f"override: empty key path {path!r}")
+    node: Any = data
+    for tok, nxt in zip(tokens, [*tokens[1:], None], strict=True):
+        key: Any = int(tok[1:-1]) if tok.startswith("[") else tok
+        if nxt is None:
+            if isinstance(key, int) and (not isinstance(node, list) or key >= len(node)):
+                raise ParamsError(f"override {path}: index {key} out of range")
+            node[key] = value
+            return
+        if isinstance(key, int):
+            if not isinstance(node, list) or key >= len(node):
+                raise ParamsError(f"override {path}: index {key} out of range")
+            node = node[key]
+        else:
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {path}: {tok} is not a mapping")
+            node = node.setdefault(key, {} if not nxt.startswith("[") else [])
+
+
+def load_params(
+    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
+) -> Params:
+    """Read, override (``{"data.size": 128}``; ``None`` values ignored) and validate params."""
+    path = Path(path)
+    source = path.name
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            problem = getattr(exc, "problem", exc)
+            raise ParamsError(f"{source}:{where} invalid YAML: {problem}") from None
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{source}: top level must be a mapping")
+    else:
+        raise ParamsError(f"{source}: file not found ({path})")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_path(raw, key, value)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(format_validation_error(err, source)) from None

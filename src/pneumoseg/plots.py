@@ -1,0 +1,89 @@
+"""PNG plots readable without a browser: learning curves and prediction overlays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+TRUTH_BGR = (80, 220, 80)  # green outline: ground truth
+PRED_BGR = (60, 60, 235)  # red fill/outline: prediction
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, fold: int | None = None) -> Path:
+    """Losses, validation scores, learning rate and sample rate per epoch, parts marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    panels = [
+        (axes[0, 0], ["train_loss", "val_loss"], "loss"),
+        (axes[0, 1], ["val_kaggle_dice", "val_dice_pos", "val_iou_pos", "val_empty_acc"], "score"),
+        (axes[1, 0], ["lr"], "learning rate"),
+        (axes[1, 1], ["sample_rate"], "positive fraction (sample rate)"),
+    ]
+    for ax, keys, title in panels:
+        for key in keys:
+            ax.plot(epochs, [r.get(key, np.nan) for r in history], marker="o", ms=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+        starts = [
+            r["epoch"] for i, r in enumerate(history) if i and r["part"] != history[i - 1]["part"]
+        ]
+        for x in starts:
+            ax.axvline(x - 0.5, color="grey", ls="--", lw=0.8)
+    axes[1, 0].set_yscale("log")
+    fig.suptitle(f"fold {fold}" if fold is not None else "training")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def overlay(
+    image: np.ndarray, pred: np.ndarray | None, truth: np.ndarray | None = None
+) -> np.ndarray:
+    """BGR uint8 picture: the radiograph, prediction filled semi-transparently and outlined in
+    red, ground truth outlined in green."""
+    bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if pred is not None and pred.any():
+        p = pred.astype(np.uint8)
+        tint = bgr.copy()
+        tint[p > 0] = PRED_BGR
+        bgr = cv2.addWeighted(tint, 0.35, bgr, 0.65, 0)
+        contours, _ = cv2.findContours(p, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(bgr, contours, -1, PRED_BGR, 1)
+    if truth is not None and truth.any():
+        contours, _ = cv2.findContours(
+            truth.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+        )
+        cv2.drawContours(bgr, contours, -1, TRUTH_BGR, 1)
+    return bgr
+
+
+def save_overlay_grid(
+    cases: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], path: Path, cols: int = 4
+) -> Path:
+    """Grid of (image, truth, prediction, dice) overlays with the dice written on each tile."""
+    tiles = []
+    for image, truth, pred, dice in cases:
+        tile = overlay(image, pred, truth)
+        tile = cv2.resize(tile, (256, 256), interpolation=cv2.INTER_NEAREST)
+        cv2.putText(
+            tile, f"dice {dice:.2f}", (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 0), 1
+        )
+        tiles.append(tile)
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.hstack(tiles[i : i + cols]) for i in range(0, len(tiles), cols)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.vstack(rows))
+    return path

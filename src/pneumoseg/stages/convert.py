@@ -1,0 +1,241 @@
+"""Stage ``convert``: DICOM tree + RLE csv -> processed PNG images/masks, manifest, failures.
+
+Every ``<ImageId>.dcm`` under the raw folder is found (any nesting). An ImageId listed in the
+RLE csv is a training image, any other is a test image. Bad files are reported in
+``failures.csv`` and the rest converted; the stage fails only when the failed fraction exceeds
+``data.max_failed_fraction``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from pneumoseg.dicom import SAFE_FIELDS, DicomReadError, prepare_image, read_dicom, resize_mask
+from pneumoseg.params import ClaheParams, Params
+from pneumoseg.rle import RLEError, decode_rows, read_rle_csv
+
+log = logging.getLogger(__name__)
+
+RLE_CSV_NAMES = ("train-rle.csv", "stage_2_train.csv")
+MANIFEST_FIELDS = ("ImageId", "split", "has_mask", "mask_pixels", "height", "width", *SAFE_FIELDS)
+FAILURE_FIELDS = ("path", "reason")
+
+
+class ConvertError(RuntimeError):
+    """The conversion as a whole cannot proceed or failed too often."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One DICOM to convert; ``rle_rows`` is None for test images."""
+
+    image_id: str
+    path: str
+    rle_rows: tuple[tuple[int, str], ...] | None
+    rle_source: str
+    dialect: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    out_dir: str
+    size: int
+    clahe: ClaheParams
+
+
+@dataclass
+class ConvertSummary:
+    converted: int
+    train: int
+    test: int
+    positive: int
+    failed: int
+    manifest: Path
+    failures: Path
+
+    @property
+    def failed_fraction(self) -> float:
+        total = self.converted + self.failed
+        return self.failed / total if total else 0.0
+
+    def line(self) -> str:
+        return (
+            f"convert: {self.converted} converted ({self.train} train, {self.test} test, "
+            f"{self.positive} with masks), {self.failed} failed"
+            + (f" (see {self.failures})" if self.failed else "")
+        )
+
+
+def find_rle_csv(raw_dir: Path) -> Path:
+    """The SIIM training csv inside ``raw_dir`` (stage 1 or stage 2 name)."""
+    for name in RLE_CSV_NAMES:
+        if (raw_dir / name).is_file():
+            return raw_dir / name
+    raise ConvertError(f"{raw_dir}: no {' or '.join(RLE_CSV_NAMES)} found (set data.rle_csv)")
+
+
+def find_dicoms(raw_dir: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Map ImageId (file stem) -> path for every ``*.dcm`` below ``raw_dir``; report duplicates."""
+    found: dict[str, Path] = {}
+    failures: list[tuple[str, str]] = []
+    for path in sorted(raw_dir.rglob("*.dcm")):
+        if not path.is_file():
+            continue
+        if path.stem in found:
+            failures.append((str(path), f"duplicate ImageId {path.stem} (kept {found[path.stem]})"))
+            continue
+        found[path.stem] = path
+    return found, failures
+
+
+def convert_one(task: Task, settings: Settings) -> dict[str, Any]:
+    """Convert one DICOM (and its mask); returns a manifest row or ``{"path", "reason"}``."""
+    try:
+        dicom = read_dicom(task.path)
+        mask_pixels: int | str = ""
+        mask = None
+        if task.rle_rows is not None:
+            mask = decode_rows(
+                task.rle_rows,
+                dicom.height,
+                dicom.width,
+                task.dialect,
+                task.rle_source,
+                task.image_id,
+            )
+            mask_pixels = int(mask.sum())
+        out = Path(settings.out_dir)
+        image = prepare_image(dicom.image, settings.size, settings.clahe)
+        if not cv2.imwrite(str(out / "images" / f"{task.image_id}.png"), image):
+            raise OSError("cannot write image PNG")
+        if mask is not None:
+            small = resize_mask(mask, settings.size) * np.uint8(255)
+            if not cv2.imwrite(str(out / "masks" / f"{task.image_id}.png"), small):
+                raise OSError("cannot write mask PNG")
+    except (DicomReadError, RLEError, OSError) as exc:
+        return {"path": task.path, "reason": str(exc)}
+    row: dict[str, Any] = {
+        "ImageId": task.image_id,
+        "split": "train" if task.rle_rows is not None else "test",
+        "has_mask": int(bool(mask_pixels)) if task.rle_rows is not None else "",
+        "mask_pixels": mask_pixels,
+        "height": dicom.height,
+        "width": dicom.width,
+    }
+    row.update({k: dicom.meta.get(k, "") for k in SAFE_FIELDS})
+    return row
+
+
+def _convert_star(args: tuple[Task, Settings]) -> dict[str, Any]:
+    return convert_one(*args)
+
+
+def _results(tasks: list[Task], settings: Settings, workers: int) -> Iterator[dict[str, Any]]:
+    jobs = ((t, settings) for t in tasks)
+    if workers <= 1 or len(tasks) < 2:
+        yield from map(_convert_star, jobs)
+        return
+    with multiprocessing.get_context().Pool(workers) as pool:
+        yield from pool.imap_unordered(_convert_star, jobs, chunksize=4)
+
+
+def _write_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def convert(
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    size: int,
+    rle_csv: str | Path | None = None,
+    dialect: str = "auto",
+    workers: int = 1,
+    clahe: ClaheParams | None = None,
+    progress: bool = True,
+) -> ConvertSummary:
+    """Convert a SIIM-layout DICOM tree; see the module docstring."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if not raw_dir.is_dir():
+        raise ConvertError(f"{raw_dir}: DICOM folder not found")
+    csv_path = Path(rle_csv) if rle_csv else find_rle_csv(raw_dir)
+    if not csv_path.is_file():
+        raise ConvertError(f"{csv_path}: RLE csv not found")
+    table = read_rle_csv(csv_path, dialect)
+    dicoms, failures = find_dicoms(raw_dir)
+    failures = [{"path": p, "reason": r} for p, r in failures]
+    for image_id, rows in table.rows.items():
+        if image_id not in dicoms:
+            reason = f"no DICOM for ImageId {image_id}"
+            failures.append({"path": f"{csv_path.name}:{rows[0][0]}", "reason": reason})
+    tasks = [
+        Task(
+            image_id=image_id,
+            path=str(path),
+            rle_rows=tuple(table.rows[image_id]) if image_id in table else None,
+            rle_source=csv_path.name,
+            dialect=table.dialect,
+        )
+        for image_id, path in dicoms.items()
+    ]
+    for sub in ("images", "masks"):
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    settings = Settings(str(out_dir), size, clahe or ClaheParams())
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(tasks), desc="convert", unit="img", disable=not progress)
+    for result in _results(tasks, settings, workers):
+        (failures if "reason" in result else rows).append(result)
+        bar.update()
+    bar.close()
+    rows.sort(key=lambda r: r["ImageId"])
+    failures.sort(key=lambda r: r["path"])
+    manifest, failures_csv = out_dir / "manifest.csv", out_dir / "failures.csv"
+    _write_csv(manifest, MANIFEST_FIELDS, rows)
+    _write_csv(failures_csv, FAILURE_FIELDS, failures)
+    for failure in failures:
+        log.warning("convert: skipped %s: %s", failure["path"], failure["reason"])
+    return ConvertSummary(
+        converted=len(rows),
+        train=sum(r["split"] == "train" for r in rows),
+        test=sum(r["split"] == "test" for r in rows),
+        positive=sum(r["has_mask"] == 1 for r in rows),
+        failed=len(failures),
+        manifest=manifest,
+        failures=failures_csv,
+    )
+
+
+def run(params: Params, progress: bool = True) -> ConvertSummary:
+    """CLI/DVC entry: convert with ``params.data``; raise if too many files failed."""
+    data = params.data
+    summary = convert(
+        raw_dir=data.raw_dir,
+        out_dir=data.processed_dir,
+        size=data.size,
+        rle_csv=data.rle_csv,
+        dialect=data.rle_dialect,
+        workers=data.workers,
+        clahe=data.clahe,
+        progress=progress,
+    )
+    print(summary.line())
+    if summary.failed_fraction > data.max_failed_fraction:
+        raise ConvertError(
+            f"{summary.failed_fraction:.1%} of files failed, more than "
+            f"data.max_failed_fraction={data.max_failed_fraction:.1%} (see {summary.failures})"
+        )
+    return summary

@@ -1,0 +1,79 @@
+"""Stage ``split``: stratified, seeded K-fold assignment of the training images."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from pneumoseg.params import Params
+
+
+class SplitError(ValueError):
+    """The manifest cannot be split as asked."""
+
+
+def read_train_labels(manifest: str | Path) -> dict[str, int]:
+    """ImageId -> has_mask (0/1) for the training rows of a manifest."""
+    labels: dict[str, int] = {}
+    with Path(manifest).open(newline="") as fh:
+        for line_no, row in enumerate(csv.DictReader(fh), start=2):
+            if row.get("split") != "train":
+                continue
+            if row.get("has_mask") not in ("0", "1"):
+                raise SplitError(f"{manifest} line {line_no}: has_mask must be 0 or 1")
+            labels[row["ImageId"]] = int(row["has_mask"])
+    return labels
+
+
+def stratified_folds(labels: dict[str, int], n_folds: int, seed: int) -> dict[str, int]:
+    """Assign folds so each has (nearly) the same count of each label; same seed, same folds."""
+    if len(labels) < n_folds:
+        raise SplitError(f"{len(labels)} training images cannot fill {n_folds} folds")
+    rng = np.random.default_rng(seed)
+    folds: dict[str, int] = {}
+    offset = 0
+    for label in sorted(set(labels.values())):
+        ids = sorted(i for i, v in labels.items() if v == label)
+        order = rng.permutation(len(ids))
+        for rank, idx in enumerate(order):
+            folds[ids[idx]] = (offset + rank) % n_folds
+        offset += len(ids)  # continue the round robin so fold sizes stay balanced overall
+    return folds
+
+
+def write_folds(path: str | Path, folds: dict[str, int], labels: dict[str, int]) -> None:
+    """Write ``ImageId,fold,has_mask`` sorted by ImageId."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ImageId", "fold", "has_mask"])
+        for image_id in sorted(folds):
+            writer.writerow([image_id, folds[image_id], labels[image_id]])
+
+
+def read_folds(path: str | Path) -> dict[str, tuple[int, int]]:
+    """ImageId -> (fold, has_mask) from ``folds.csv``."""
+    with Path(path).open(newline="") as fh:
+        return {r["ImageId"]: (int(r["fold"]), int(r["has_mask"])) for r in csv.DictReader(fh)}
+
+
+def run(params: Params, progress: bool = True) -> dict[str, int]:
+    """CLI/DVC entry: split ``<processed_dir>/manifest.csv`` into ``split.out``."""
+    manifest = Path(params.data.processed_dir) / "manifest.csv"
+    if not manifest.is_file():
+        raise SplitError(f"{manifest}: not found (run `pneumoseg convert` first)")
+    labels = read_train_labels(manifest)
+    folds = stratified_folds(labels, params.split.n_folds, params.split.seed)
+    write_folds(params.split.out, folds, labels)
+    sizes = Counter(folds.values())
+    positives = Counter(f for i, f in folds.items() if labels[i])
+    per_fold = ", ".join(
+        f"{k}: {sizes[k]} ({positives[k]} pos)" for k in range(params.split.n_folds)
+    )
+    n = params.split.n_folds
+    print(f"split: {len(folds)} images into {n} folds -> {params.split.out} [{per_fold}]")
+    return dict(sizes)

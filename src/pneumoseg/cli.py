@@ -1,61 +1,224 @@
 """The ``pneumoseg`` command line: one subcommand per pipeline step.
 
 Defaults come from ``params.yaml`` (validated); flags override single keys. Heavy libraries
-(torch, mlflow) are imported only inside the subcommand that needs them, so ``--help`` is fast.
+(torch, mlflow) are imported only inside the subcommand that runs, so ``--help`` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-# subcommand -> (stage module, help, [(flag, params key, type, help)])
-Flag = tuple[str, str, Any, str]
-COMMANDS: dict[str, tuple[str, str, list[Flag]]] = {
-    "demo": (
-        "pneumoseg.stages.demo",
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag; ``key`` with a dot is a params key, else a keyword of the runner."""
+
+    flag: str  # "--name", or a bare name for a positional argument
+    key: str
+    type: Any
+    help: str
+    required: bool = False
+    nargs: str | None = None
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    runner: Callable[..., Any]
+    flags: list[Flag] = field(default_factory=list)
+
+
+# Each runner imports its stage module when called (keeps --help and the data tools light).
+def _demo(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import demo
+
+    return demo.run(params, **kw)
+
+
+def _convert(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import convert
+
+    return convert.run(params, **kw)
+
+
+def _split(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import split
+
+    return split.run(params, **kw)
+
+
+def _train(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import train
+
+    return train.run(params, **kw)
+
+
+def _oof(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import oof
+
+    return oof.run(params, **kw)
+
+
+def _thresholds(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import thresholds
+
+    return thresholds.run(params, **kw)
+
+
+def _evaluate(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import evaluate
+
+    return evaluate.run(params, **kw)
+
+
+def _submit(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import submit
+
+    return submit.run(params, **kw)
+
+
+def _score(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import submit
+
+    return submit.run_score(params, **kw)
+
+
+def _register(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import register
+
+    return register.run(params, **kw)
+
+
+def _models(params: Any, **kw: Any) -> Any:
+    from pneumoseg import registry
+
+    return registry.run(params, **kw)
+
+
+def _predict(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import predict
+
+    return predict.run(params, **kw)
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
         "generate the synthetic SIIM-like DICOM demo set",
+        _demo,
         [
-            ("--out", "demo.out_dir", str, "output folder"),
-            ("--n-train", "demo.n_train", int, "number of training images"),
-            ("--n-test", "demo.n_test", int, "number of test images"),
-            ("--size", "demo.size", int, "image side in pixels"),
-            ("--seed", "demo.seed", int, "random seed"),
+            Flag("--out", "demo.out_dir", str, "output folder"),
+            Flag("--n-train", "demo.n_train", int, "number of training images"),
+            Flag("--n-test", "demo.n_test", int, "number of test images"),
+            Flag("--size", "demo.size", int, "image side in pixels"),
+            Flag("--seed", "demo.seed", int, "random seed"),
         ],
     ),
-    "convert": (
-        "pneumoseg.stages.convert",
+    "convert": Command(
         "convert DICOMs + RLE csv to PNG images/masks and a manifest",
+        _convert,
         [
-            ("--dicom-dir", "data.raw_dir", str, "folder searched recursively for <ImageId>.dcm"),
-            ("--rle-csv", "data.rle_csv", str, "training RLE csv (default: found in --dicom-dir)"),
-            ("--dialect", "data.rle_dialect", str, "RLE dialect: relative, absolute or auto"),
-            ("--out", "data.processed_dir", str, "output folder"),
-            ("--size", "data.size", int, "output image side in pixels"),
-            ("--workers", "data.workers", int, "parallel worker processes"),
+            Flag("--dicom-dir", "data.raw_dir", str, "folder searched recursively for *.dcm"),
+            Flag("--rle-csv", "data.rle_csv", str, "training RLE csv (default: in --dicom-dir)"),
+            Flag("--dialect", "data.rle_dialect", str, "RLE dialect: relative, absolute, auto"),
+            Flag("--out", "data.processed_dir", str, "output folder"),
+            Flag("--size", "data.size", int, "output image side in pixels"),
+            Flag("--workers", "data.workers", int, "parallel worker processes"),
         ],
     ),
-    "train": (
-        "pneumoseg.stages.train",
-        "train one model per fold with MLflow tracking (resumes after a kill)",
-        [
-            ("--fold", "fold", int, "train only this fold (default: every fold in train.folds)"),
-            ("--epochs", "train.parts[0].epochs", int, "epochs of the first part"),
-            ("--size", "train.parts[0].size", int, "image size of the first part"),
-            ("--encoder", "train.model.encoder", str, "smp/timm encoder name"),
-        ],
-    ),
-    "split": (
-        "pneumoseg.stages.split",
+    "split": Command(
         "assign stratified cross-validation folds",
+        _split,
         [
-            ("--folds", "split.n_folds", int, "number of folds"),
-            ("--seed", "split.seed", int, "random seed"),
-            ("--out", "split.out", str, "output csv"),
+            Flag("--folds", "split.n_folds", int, "number of folds"),
+            Flag("--seed", "split.seed", int, "random seed"),
+            Flag("--out", "split.out", str, "output csv"),
+        ],
+    ),
+    "train": Command(
+        "train one model per fold with MLflow tracking (resumes after a kill)",
+        _train,
+        [
+            Flag("--fold", "fold", int, "train only this fold (default: all of train.folds)"),
+            Flag("--epochs", "train.parts[0].epochs", int, "epochs of the first part"),
+            Flag("--size", "train.parts[0].size", int, "image size of the first part"),
+            Flag("--encoder", "train.model.encoder", str, "smp/timm encoder name"),
+        ],
+    ),
+    "oof": Command(
+        "out-of-fold probability maps of every trained fold",
+        _oof,
+        [
+            Flag("--size", "oof.size", int, "map size S"),
+            Flag("--checkpoints", "oof.checkpoints", str, "final or top_k"),
+        ],
+    ),
+    "thresholds": Command(
+        "Optuna search of the post-processing triplet on the OOF maps",
+        _thresholds,
+        [
+            Flag("--trials", "thresholds.trials", int, "total trials of the study"),
+            Flag("--storage", "thresholds.storage", str, "Optuna RDB URL or journal file"),
+        ],
+    ),
+    "evaluate": Command(
+        "OOF evaluation: tuned and cross-fitted Kaggle dice, baseline, intervals",
+        _evaluate,
+    ),
+    "submit": Command(
+        "predict the test images and write a Kaggle submission csv",
+        _submit,
+        [
+            Flag("--out", "submit.out", str, "submission csv"),
+            Flag("--dialect", "submit.dialect", str, "relative or absolute RLE"),
+        ],
+    ),
+    "score": Command(
+        "Kaggle metric of a submission csv against a ground-truth csv",
+        _score,
+        [
+            Flag("--submission", "submission", str, "submission csv", required=True),
+            Flag("--truth", "truth", str, "ground-truth csv (ImageId, EncodedPixels)", True),
+            Flag("--json", "json_out", bool, "print JSON"),
+        ],
+    ),
+    "register": Command(
+        "register the fold ensemble + post-processing as a new MLflow model version",
+        _register,
+    ),
+    "models": Command(
+        "the model registry: list, promote VERSION, rollback, show VERSION",
+        _models,
+        [
+            Flag(
+                "action",
+                "action",
+                str,
+                "what to do",
+                choices=("list", "promote", "rollback", "show"),
+            ),
+            Flag("version", "version", str, "model version (promote, show)", nargs="?"),
+            Flag("--json", "json_out", bool, "print JSON"),
+        ],
+    ),
+    "predict": Command(
+        "predict DICOM files or folders with a registered or local model",
+        _predict,
+        [
+            Flag(
+                "--model",
+                "model",
+                str,
+                "models:/name@alias, a runs:/ URI, a local MLflow "
+                "model folder or a models/ folder (default: models:/<registered_model>@champion)",
+            ),
+            Flag("--input", "inputs", str, "DICOM files or folders", required=True, nargs="+"),
+            Flag("--out", "out", str, "output folder", required=True),
         ],
     ),
 }
@@ -70,39 +233,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="params file [%(default)s]")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (_, help_text, flags) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
-        for flag, key, typ, flag_help in flags:
-            cmd.add_argument(
-                flag,
-                dest=key,
-                type=typ,
-                default=None,
-                metavar=flag.lstrip("-").upper().replace("-", "_"),
-                help=f"{flag_help} [params: {key}]",
-            )
+    for name, command in COMMANDS.items():
+        cmd = sub.add_parser(name, help=command.help, description=command.help)
+        for f in command.flags:
+            where = f" [params: {f.key}]" if "." in f.key else ""
+            if f.type is bool:
+                cmd.add_argument(f.flag, dest=f.key, action="store_true", help=f.help)
+            elif not f.flag.startswith("-"):
+                cmd.add_argument(f.key, type=f.type, help=f.help, nargs=f.nargs, choices=f.choices)
+            else:
+                cmd.add_argument(
+                    f.flag,
+                    dest=f.key,
+                    type=f.type,
+                    default=None,
+                    required=f.required,
+                    nargs=f.nargs,
+                    choices=f.choices,
+                    metavar=f.flag.lstrip("-").upper().replace("-", "_"),
+                    help=f.help + where,
+                )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pneumoseg`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress lines at INFO; other libraries only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pneumoseg").setLevel(logging.INFO)
     from pneumoseg.params import ParamsError, load_params
 
-    module_name, _, flags = COMMANDS[args.command]
-    values = {key: getattr(args, key) for _, key, _, _ in flags}
-    # Keys that are not params (e.g. --fold) go to the stage's run() as keyword arguments.
-    extra = {key: values.pop(key) for key in list(values) if "." not in key}
-    overrides = values
+    command = COMMANDS[args.command]
+    overrides = {f.key: getattr(args, f.key) for f in command.flags if "." in f.key}
+    extra = {f.key: getattr(args, f.key) for f in command.flags if "." not in f.key}
     try:
         params = load_params(args.params, overrides)
     except ParamsError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    module = importlib.import_module(module_name)
     try:
-        module.run(params, progress=not args.quiet, **extra)
+        command.runner(params, progress=not args.quiet, **extra)
     except (ValueError, RuntimeError, OSError) as exc:
         # Our own error types subclass these; their messages are one line for the user.
         print(f"pneumoseg {args.command}: error: {exc}", file=sys.stderr)

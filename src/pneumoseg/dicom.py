@@ -135,7 +135,11 @@ def read_dicom(path: str | Path) -> DicomImage:
         arr = arr[0]  # multi-frame: first frame
     if arr.ndim != 2 and not (arr.ndim == 3 and arr.shape[-1] == 3):
         raise DicomReadError(f"unexpected pixel array shape {arr.shape}")
-    return DicomImage(image=to_uint8(arr, ds), meta=safe_meta(ds))
+    try:  # header elements are parsed lazily: a corrupt one fails only when first read
+        return DicomImage(image=to_uint8(arr, ds), meta=safe_meta(ds))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise DicomReadError(f"invalid DICOM header value: {reason}") from None
 
 
 def prepare_image(image: np.ndarray, size: int, clahe: Any | None = None) -> np.ndarray:

@@ -193,7 +193,7 @@ class TrainParams(Strict):
     swa: SWAParams = SWAParams()
     augment: AugmentParams = AugmentParams()
     parts: list[PartParams] = Field(default_factory=lambda: [PartParams()], min_length=1)
-    models_dir: str = "models"
+    models_dir: str = "models/folds"
     work_dir: str = "checkpoints"  # resume state, outside DVC outs (git-ignored)
     metrics_dir: str = "metrics"
     plots_dir: str = "plots"
@@ -209,6 +209,91 @@ class TrainParams(Strict):
         if len(set(self.folds)) != len(self.folds):
             raise ValueError("folds: must be unique")
         return self
+
+
+class OofParams(Strict):
+    """Out-of-fold prediction (`pneumoseg oof`) and the map size all evaluation uses."""
+
+    size: int = Field(128, ge=16, le=4096)  # S of oof/probs.npy
+    tta_hflip: bool = True
+    checkpoints: Literal["final", "top_k"] = "final"  # top_k: average a fold's top-k models
+    batch_size: int = Field(16, ge=1)
+    out_dir: str = "oof"
+
+
+Range = tuple[float, float]
+
+
+class ThresholdSpace(Strict):
+    """Search ranges of the triplet rule (areas in pixels at the native image resolution)."""
+
+    top_threshold: Range = (0.2, 0.95)
+    bottom_threshold: Range = (0.05, 0.9)
+    min_area: Range = (0, 6000)
+    min_component_area: Range | None = None
+    cls_gate: Range | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ThresholdSpace:
+        for name in (
+            "top_threshold",
+            "bottom_threshold",
+            "min_area",
+            "min_component_area",
+            "cls_gate",
+        ):
+            rng = getattr(self, name)
+            if rng is not None and not rng[0] <= rng[1]:
+                raise ValueError(f"{name}: low must be <= high")
+        return self
+
+
+class ThresholdsParams(Strict):
+    """Optuna search of the post-processing triplet (`pneumoseg thresholds`)."""
+
+    trials: int = Field(200, ge=1)
+    seed: int = 42
+    space: ThresholdSpace = ThresholdSpace()
+    exhaustive: bool = True  # also scan the whole uint8 grid for the true optimum
+    exhaustive_areas: list[Annotated[float, Field(ge=0)]] = [
+        0,
+        250,
+        500,
+        1000,
+        2000,
+        3000,
+        4000,
+        6000,
+    ]
+    group_by: Literal["view_position", "sex"] | None = None  # conditional thresholds
+    storage: str | None = (
+        None  # None: optuna/journal.log; or an RDB URL; env PNEUMOSEG_OPTUNA_STORAGE
+    )
+    out: str = "models/postprocess.json"
+
+
+class EvaluateParams(Strict):
+    """Honest evaluation on the OOF set (`pneumoseg evaluate`)."""
+
+    bootstrap: int = Field(1000, ge=0)
+    gallery: int = Field(8, ge=0)  # worst false positives / negatives shown
+    out: str = "metrics/evaluate.json"
+    plots_dir: str = "plots/evaluate"
+
+
+class SubmitParams(Strict):
+    """Kaggle submission for the test DICOMs (`pneumoseg submit`)."""
+
+    dialect: Literal["relative", "absolute"] = "relative"
+    sample_submission: str | None = None  # None: <raw_dir>/sample_submission.csv if present
+    out: str = "submission/submission.csv"
+
+
+class RegistryParams(Strict):
+    """Registering the fold ensemble + post-processing as one MLflow model (`pneumoseg register`)."""
+
+    auto_promote: bool = False  # champion moves when the challenger's cross-fitted score is higher
+    out: str = "models/registered.json"
 
 
 class MlflowParams(Strict):
@@ -228,6 +313,11 @@ class Params(Strict):
     data: DataParams = DataParams()
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
+    oof: OofParams = OofParams()
+    thresholds: ThresholdsParams = ThresholdsParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    submit: SubmitParams = SubmitParams()
+    registry: RegistryParams = RegistryParams()
     mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")
@@ -238,7 +328,7 @@ class Params(Strict):
         return self
 
     def flat(self) -> dict[str, Any]:
-        """Flattened ``a.b[0].c -> value`` view, used for MLflow params."""
+        """Flattened ``{"train.parts.0.lr": value}`` view (MLflow-safe keys)."""
         return flatten(self.model_dump(mode="json"))
 
     def digest(self, *sections: str) -> str:
@@ -251,14 +341,14 @@ class Params(Strict):
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten nested dicts/lists into ``{"a.b[0].c": value}``."""
+    """Flatten nested dicts/lists into ``{"a.b.0.c": value}`` (lists of scalars stay whole)."""
     out: dict[str, Any] = {}
     if isinstance(obj, dict):
         for key, value in obj.items():
             out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
         for i, value in enumerate(obj):
-            out.update(flatten(value, f"{prefix}[{i}]"))
+            out.update(flatten(value, f"{prefix}.{i}"))
     else:
         out[prefix] = obj
     return out

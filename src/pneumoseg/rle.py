@@ -36,8 +36,8 @@ def _parse(rle: str, where: str) -> np.ndarray:
         return np.empty((0, 2), dtype=np.int64)
     try:
         values = np.array(text.split(), dtype=np.int64)
-    except ValueError:
-        raise RLEError(f"{where}non-integer value in RLE string") from None
+    except (ValueError, OverflowError):
+        raise RLEError(f"{where}non-integer or out-of-range value in RLE string") from None
     if values.size % 2:
         raise RLEError(f"{where}odd number of values ({values.size})")
     if (values < 0).any():
@@ -56,6 +56,8 @@ def runs_from_rle(
     first, lengths = pairs[:, 0], pairs[:, 1]
     if (lengths == 0).any():
         raise RLEError(f"{where}zero-length run")
+    if (pairs > height * width).any():  # also keeps the sums below from overflowing
+        raise RLEError(f"{where}run past the end of a {height}x{width} image")
     if dialect == "relative":
         # start_i = sum(gaps[:i+1]) + sum(lengths[:i])
         starts = np.cumsum(first) + np.concatenate(([0], np.cumsum(lengths)[:-1]))
@@ -81,13 +83,14 @@ def decode_union(
     where: Iterable[str] | None = None,
 ) -> np.ndarray:
     """Decode several RLE strings of one image into the union of their masks."""
-    delta = np.zeros(height * width + 1, dtype=np.int32)
+    flat = np.zeros(height * width, dtype=np.uint8)
     wheres = list(where) if where is not None else None
     for i, rle in enumerate(rles):
         starts, lengths = runs_from_rle(rle, height, width, dialect, wheres[i] if wheres else "")
-        np.add.at(delta, starts, 1)
-        np.add.at(delta, starts + lengths, -1)
-    flat = (np.cumsum(delta[:-1]) > 0).astype(np.uint8)
+        if starts.size:
+            # every covered pixel index at once: O(foreground), not O(image) per string
+            offsets = np.cumsum(lengths) - lengths
+            flat[np.repeat(starts - offsets, lengths) + np.arange(offsets[-1] + lengths[-1])] = 1
     return flat.reshape(width, height).T.copy()
 
 

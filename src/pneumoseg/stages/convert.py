@@ -85,6 +85,12 @@ def find_rle_csv(raw_dir: Path) -> Path:
     raise ConvertError(f"{raw_dir}: no {' or '.join(RLE_CSV_NAMES)} found (set data.rle_csv)")
 
 
+def report_path(path: str | Path) -> str:
+    """How a DICOM is named in failures.csv and logs: the file name (``<ImageId>.dcm``) only,
+    since SIIM folders are named after Study/Series Instance UIDs, which must not leak."""
+    return Path(path).name
+
+
 def find_dicoms(raw_dir: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
     """Map ImageId (file stem) -> path for every ``*.dcm`` below ``raw_dir``; report duplicates."""
     found: dict[str, Path] = {}
@@ -93,7 +99,7 @@ def find_dicoms(raw_dir: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
         if not path.is_file():
             continue
         if path.stem in found:
-            failures.append((str(path), f"duplicate ImageId {path.stem} (kept {found[path.stem]})"))
+            failures.append((report_path(path), f"duplicate ImageId {path.stem} (kept another)"))
             continue
         found[path.stem] = path
     return found, failures
@@ -124,7 +130,7 @@ def convert_one(task: Task, settings: Settings) -> dict[str, Any]:
             if not cv2.imwrite(str(out / "masks" / f"{task.image_id}.png"), small):
                 raise OSError("cannot write mask PNG")
     except (DicomReadError, RLEError, OSError) as exc:
-        return {"path": task.path, "reason": str(exc)}
+        return {"path": report_path(task.path), "reason": str(exc)}
     row: dict[str, Any] = {
         "ImageId": task.image_id,
         "split": "train" if task.rle_rows is not None else "test",

@@ -1,0 +1,120 @@
+"""Fold-ensemble inference with flip TTA: the one prediction path used by oof, submit, predict
+and serving. Inputs are display-ready uint8 radiographs (as written by ``convert``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from pneumoseg.data import to_tensor
+from pneumoseg.models import ModelError, forward, load_model_file
+
+
+def fold_model_files(models_dir: str | Path, fold: int, checkpoints: str = "final") -> list[Path]:
+    """The files of one fold: its final ``model.pt`` or (``top_k``) its last part's top-k."""
+    root = Path(models_dir) / f"fold{fold}"
+    if checkpoints == "final":
+        path = root / "model.pt"
+        if not path.is_file():
+            raise ModelError(f"{path}: missing (train fold {fold} first)")
+        return [path]
+    listing = root / "checkpoints.json"
+    if not listing.is_file():
+        raise ModelError(f"{listing}: missing (train fold {fold} first)")
+    entries = json.loads(listing.read_text())
+    last = max(e["part"] for e in entries)
+    return [root / "checkpoints" / e["path"] for e in entries if e["part"] == last]
+
+
+class Ensemble:
+    """Averages sigmoid probabilities over models and (optionally) horizontal-flip TTA."""
+
+    def __init__(
+        self,
+        files: Iterable[str | Path],
+        tta_hflip: bool = True,
+        device: str | torch.device | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.files = [Path(f) for f in files]
+        if not self.files:
+            raise ModelError("ensemble: no model files")
+        loaded = [load_model_file(f, self.device) for f in self.files]
+        self.models = [m for m, _ in loaded]
+        self.metas = [meta for _, meta in loaded]
+        sizes = {m["size"] for m in self.metas}
+        channels = {m["in_channels"] for m in self.metas}
+        if len(sizes) != 1 or len(channels) != 1:
+            raise ModelError(f"ensemble: models disagree on size {sizes} or channels {channels}")
+        self.size = sizes.pop()
+        self.in_channels = channels.pop()
+        self.has_cls = all(m.get("classification_head") for m in self.metas)
+        self.tta_hflip = tta_hflip
+        self.batch_size = batch_size
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "files": [str(f) for f in self.files],
+            "size": self.size,
+            "tta_hflip": self.tta_hflip,
+            "mlflow_run_ids": sorted({str(m.get("mlflow_run_id")) for m in self.metas}),
+        }
+
+    @torch.no_grad()
+    def predict(
+        self, images: list[np.ndarray], out_size: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probability maps (B, out, out) float32 and classifier probabilities (B,) or None."""
+        out_size = out_size or self.size
+        batch = []
+        for image in images:
+            if image.shape != (self.size, self.size):
+                image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+            batch.append(to_tensor(image, self.in_channels))
+        x = torch.stack(batch).to(self.device)
+        probs = torch.zeros((x.shape[0], 1, self.size, self.size), device=self.device)
+        cls_sum = torch.zeros((x.shape[0], 1), device=self.device)
+        views = [False, True] if self.tta_hflip else [False]
+        for model in self.models:
+            for flip in views:
+                inp = torch.flip(x, dims=[3]) if flip else x
+                logits, cls = forward(model, inp)
+                p = torch.sigmoid(logits.float())
+                probs += torch.flip(p, dims=[3]) if flip else p
+                if cls is not None:
+                    cls_sum += torch.sigmoid(cls.float())
+        n = len(self.models) * len(views)
+        out = (probs / n)[:, 0].cpu().numpy()
+        if out_size != self.size:
+            out = np.stack(
+                [cv2.resize(p, (out_size, out_size), interpolation=cv2.INTER_LINEAR) for p in out]
+            )
+        cls_out = (cls_sum / n)[:, 0].cpu().numpy() if self.has_cls else None
+        return out.astype(np.float32), cls_out
+
+    def predict_batches(
+        self, images: Iterable[tuple[Any, np.ndarray]], out_size: int | None = None
+    ) -> Iterator[tuple[list[Any], np.ndarray, np.ndarray | None]]:
+        """Stream ``(key, image)`` pairs through :meth:`predict` in batches (bounded memory)."""
+        keys: list[Any] = []
+        batch: list[np.ndarray] = []
+        for key, image in images:
+            keys.append(key)
+            batch.append(image)
+            if len(batch) == self.batch_size:
+                yield (keys, *self.predict(batch, out_size))
+                keys, batch = [], []
+        if batch:
+            yield (keys, *self.predict(batch, out_size))
+
+
+def to_uint8_probs(probs: np.ndarray) -> np.ndarray:
+    """round(prob * 255) as uint8: the storage scale of all probability maps."""
+    return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)

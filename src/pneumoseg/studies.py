@@ -1,0 +1,98 @@
+"""Optuna study infrastructure shared by the threshold search and the training studies:
+persistent storage, MLflow logging of trials, and study plots (PNG + HTML)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pneumoseg.tracking import Tracker
+
+log = logging.getLogger(__name__)
+DEFAULT_JOURNAL = "optuna/journal.log"
+STORAGE_ENV = "PNEUMOSEG_OPTUNA_STORAGE"
+
+
+def resolve_storage(storage: str | None) -> str:
+    """``storage`` or ``$PNEUMOSEG_OPTUNA_STORAGE`` or the default journal file."""
+    return storage or os.environ.get(STORAGE_ENV) or DEFAULT_JOURNAL
+
+
+def open_storage(storage: str | None) -> Any:
+    """An Optuna storage: an RDB URL (``postgresql://``, ``sqlite:///``) is used as is; anything
+    else is a JournalStorage file (safe for several processes on one host)."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    target = resolve_storage(storage)
+    if "://" in target:
+        return target
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(target))
+
+
+def fail_stale_trials(study: Any) -> int:
+    """Mark the study's RUNNING trials FAILED: for a study run by one process at a time, a
+    RUNNING trial at start-up was left by a killed run. Returns how many were failed."""
+    from optuna.trial import TrialState
+
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    for trial in stale:
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    if stale:
+        log.warning(
+            "optuna: marked %d stale RUNNING trial(s) of %s as FAILED", len(stale), study.study_name
+        )
+    return len(stale)
+
+
+class MlflowTrialLogger:
+    """Optuna callback: each finished trial's value (and the running best) as MLflow metrics at
+    step = trial number, in one batched call."""
+
+    def __init__(self, tracker: Tracker, prefix: str = "") -> None:
+        self.tracker = tracker
+        self.prefix = prefix
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        if trial.value is None:
+            return
+        metrics = {f"{self.prefix}trial_value": float(trial.value)}
+        with contextlib.suppress(ValueError):  # no completed trial yet
+            metrics[f"{self.prefix}best_value"] = float(study.best_value)
+        self.tracker.log_metrics(metrics, step=trial.number)
+
+
+def save_study_plots(study: Any, out_dir: Path, params: list[str] | None = None) -> list[Path]:
+    """Optimisation history, slices, parameter importances and parallel coordinates as PNG
+    (matplotlib) and self-contained HTML (plotly). Plots that cannot be made are skipped with a
+    log line (e.g. importances need two completed trials and two parameters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    import optuna.visualization as vis
+    import optuna.visualization.matplotlib as vis_mpl
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name in ("optimization_history", "slice", "param_importances", "parallel_coordinate"):
+        kwargs = {} if name == "optimization_history" else {"params": params}
+        try:
+            ax = getattr(vis_mpl, f"plot_{name}")(study, **kwargs)
+            fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
+            fig.set_size_inches(10, 5)
+            fig.tight_layout()
+            fig.savefig(out_dir / f"{name}.png", dpi=90)
+            plt.close(fig)
+            written.append(out_dir / f"{name}.png")
+            getattr(vis, f"plot_{name}")(study, **kwargs).write_html(out_dir / f"{name}.html")
+            written.append(out_dir / f"{name}.html")
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            log.info("study plot %s skipped: %s", name, exc)
+    return written

@@ -1,0 +1,120 @@
+"""Shared helpers for tests that run real stages on a tiny demo project in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY: dict[str, Any] = {
+    "demo": {"n_train": 24, "n_test": 6, "size": 128, "seed": 7},
+    "data": {"size": 64, "workers": 1},
+    "split": {"n_folds": 2},
+    "train": {
+        "folds": [0, 1],
+        "batch_size": 4,
+        "model": {"encoder": "tu-mobilenetv3_small_100", "decoder_channels": [32, 16, 8, 8, 4]},
+        "checkpoint": {"top_k": 2},
+        "parts": [
+            {
+                "size": 64,
+                "epochs": 2,
+                "lr": 0.003,
+                "loss": {"bce": 1, "dice": 1},
+                "sample_rate": {"start": 0.8, "end": 0.5, "shape": "linear"},
+            }
+        ],
+    },
+}
+
+
+def deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update (lists replaced)."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def write_params(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The repo's params.yaml with the tiny settings (and ``overrides``) applied."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    deep_update(params, yaml.safe_load(yaml.safe_dump(TINY)))
+    deep_update(params, overrides or {})
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def env() -> dict[str, str]:
+    """Environment for subprocesses: the venv first on PATH, offline flags."""
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e.pop("MLFLOW_TRACKING_URI", None)
+    e.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@example.invalid",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@example.invalid",
+        }
+    )
+    return e
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
+    """Run a command, failing the test with its output if it fails and ``check``."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{output}")
+    return proc
+
+
+def pneumoseg(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "pneumoseg", *args], cwd=cwd, check=check)
+
+
+def make_project(path: Path, overrides: dict[str, Any] | None = None, git: bool = True) -> Path:
+    """A project folder with dvc.yaml, tiny params.yaml and a copy of src/ (DVC code deps)."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    shutil.copytree(ROOT / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(path / "params.yaml", overrides)
+    if git:
+        run(["git", "init", "-q"], cwd=path)
+        run([str(BIN / "dvc"), "init", "-q"], cwd=path)
+        run([str(BIN / "dvc"), "config", "core.analytics", "false"], cwd=path)
+        (path / ".gitignore").write_text("/mlruns/\n/checkpoints/\n/optuna/\n")
+    return path
+
+
+def prepared_data(path: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Project with demo -> convert -> split already run in-process (no DVC)."""
+    from pneumoseg.params import load_params
+    from pneumoseg.stages import convert, demo, split
+
+    make_project(path, overrides, git=False)
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        params = load_params("params.yaml")
+        demo.run(params, progress=False)
+        convert.run(params, progress=False)
+        split.run(params)
+    finally:
+        os.chdir(cwd)
+    return path

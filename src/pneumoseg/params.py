@@ -290,7 +290,7 @@ class SubmitParams(Strict):
 
 
 class RegistryParams(Strict):
-    """Registering the fold ensemble + post-processing as one MLflow model (`pneumoseg register`)."""
+    """The fold ensemble + post-processing as one MLflow model (`pneumoseg register`)."""
 
     auto_promote: bool = False  # champion moves when the challenger's cross-fitted score is higher
     out: str = "models/registered.json"

@@ -15,6 +15,7 @@ from pneumoseg.tracking import Tracker
 log = logging.getLogger(__name__)
 DEFAULT_JOURNAL = "optuna/journal.log"
 STORAGE_ENV = "PNEUMOSEG_OPTUNA_STORAGE"
+LOCK_GRACE_SECONDS = 10
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -25,13 +26,18 @@ def resolve_storage(storage: str | None) -> str:
 def open_storage(storage: str | None) -> Any:
     """An Optuna storage: an RDB URL (``postgresql://``, ``sqlite:///``) is used as is; anything
     else is a JournalStorage file (safe for several processes on one host)."""
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
     target = resolve_storage(storage)
     if "://" in target:
         return target
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(target))
+    path = Path(target).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # An absolute path and an O_EXCL lock file: Optuna's default symlink lock, given a relative
+    # path, leaves a dangling link when a worker is killed and the next one spins forever.
+    # A lock left by a killed worker is broken after LOCK_GRACE_SECONDS.
+    lock = JournalFileOpenLock(str(path), grace_period=LOCK_GRACE_SECONDS)
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
 
 
 def fail_stale_trials(study: Any) -> int:

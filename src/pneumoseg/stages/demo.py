@@ -26,7 +26,6 @@ import csv
 import datetime as dt
 import io
 import shutil
-import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -872,73 +871,12 @@ def _header(cfg: DemoParams, item: _Item, sex: str, path: Path) -> FileDataset:
     return ds
 
 
-def _packbits_segment(plane: np.ndarray) -> bytes:
-    """PackBits-encode one byte plane row by row, exactly as pydicom's native RLE encoder does
-    (literal runs of single bytes, replicate runs for 2+ equal bytes, 128 per chunk, rows
-    never merged, even length) - but vectorised, ~20x faster than the pure-Python encoder."""
-    cols = plane.shape[1]
-    flat = plane.reshape(-1)
-    change = np.ones(plane.shape, dtype=bool)
-    change[:, 1:] = plane[:, 1:] != plane[:, :-1]
-    starts = np.flatnonzero(change.reshape(-1))
-    lengths = np.diff(np.append(starts, flat.size))
-    values = flat[starts]
-    single = lengths == 1
-    prev_single = np.concatenate(([False], single[:-1]))
-    group_start = single & (~prev_single | (starts % cols == 0))
-    run = np.arange(len(starts))
-    idx = run - np.maximum.accumulate(np.where(group_start, run, 0))  # index in literal group
-    gid = np.cumsum(group_start) - 1
-    glen = np.bincount(gid[single], minlength=int(gid.max()) + 1) if single.any() else gid
-    header = single & (idx % 128 == 0)
-    full, rem = lengths // 128, lengths % 128
-    n_chunks = np.where(single, 0, full + (rem > 0))
-    size = np.where(single, 1 + header, 2 * n_chunks)
-    offset = np.concatenate(([0], np.cumsum(size)[:-1]))
-    total = int(size.sum())
-    out = np.zeros(total + total % 2, np.uint8)
-    out[offset[single] + header[single]] = values[single]
-    lit = np.flatnonzero(header)
-    out[offset[lit]] = np.minimum(128, glen[gid[lit]] - idx[lit]) - 1
-    rep = np.flatnonzero(~single)
-    if rep.size:
-        nc = n_chunks[rep]
-        chunk_run = np.repeat(rep, nc)
-        j = np.arange(chunk_run.size) - np.repeat(np.cumsum(nc) - nc, nc)
-        clen = np.where(j < full[chunk_run], 128, rem[chunk_run])
-        pos = offset[chunk_run] + 2 * j
-        out[pos] = np.where(clen > 1, 257 - clen, 0)
-        out[pos + 1] = values[chunk_run]
-    return out.tobytes()
-
-
-def rle_lossless_frame(arr: np.ndarray) -> bytes:
-    """One DICOM RLE Lossless frame (64-byte header, most significant byte plane first) of a
-    2-D uint8/uint16 array; byte-identical to ``Dataset.compress(RLELossless)``."""
-    arr = np.ascontiguousarray(arr)
-    n_bytes = arr.dtype.itemsize
-    planes = arr.astype(arr.dtype.newbyteorder("<"), copy=False).view(np.uint8)
-    planes = planes.reshape(arr.shape[0], arr.shape[1], n_bytes)
-    segments = [
-        _packbits_segment(np.ascontiguousarray(planes[:, :, b])) for b in reversed(range(n_bytes))
-    ]
-    offsets = [64]
-    for seg in segments[:-1]:
-        offsets.append(offsets[-1] + len(seg))
-    header = struct.pack(f"<{1 + len(offsets)}L", len(segments), *offsets)
-    return header.ljust(64, b"\0") + b"".join(segments)
-
-
-def _encapsulate_rle(ds: FileDataset, arr: np.ndarray) -> None:
-    """Replace the uncompressed pixels of ``ds`` by their RLE Lossless encapsulation (what
-    ``ds.compress(RLELossless)`` does, with the fast encoder)."""
-    from pydicom.encaps import encapsulate
+def _compress_rle(ds: FileDataset) -> None:
+    """RLE Lossless with the fast pylibjpeg-rle encoder (pydicom's own is pure Python, ~20x
+    slower); keeps the SOPInstanceUID (= ImageId)."""
     from pydicom.uid import RLELossless
 
-    ds.PixelData = encapsulate([rle_lossless_frame(arr)])
-    ds["PixelData"].VR = "OB"
-    ds["PixelData"].is_undefined_length = True
-    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.compress(RLELossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
 
 
 def _set_pixels(ds: FileDataset, rad: Radiograph, fmt: str, rng: np.random.Generator) -> None:
@@ -964,7 +902,7 @@ def _set_pixels(ds: FileDataset, rad: Radiograph, fmt: str, rng: np.random.Gener
             ds.LossyImageCompressionRatio = f"{img8.size / len(frame):.2f}"
             ds.LossyImageCompressionMethod = "ISO_10918_1"
         elif fmt == "rle8":
-            _encapsulate_rle(ds, img8)
+            _compress_rle(ds)
         return
     if fmt == "rle16":  # 16 bits, a rescale intercept and a window in rescaled units
         lo, hi = float(rng.integers(800, 3000)), float(rng.integers(60000, 65400))
@@ -975,7 +913,7 @@ def _set_pixels(ds: FileDataset, rad: Radiograph, fmt: str, rng: np.random.Gener
         ds.RescaleType = "US"
         ds.WindowCenter = round((lo + hi) / 2 - 1024, 1)
         ds.WindowWidth = round(hi - lo, 1)
-        _encapsulate_rle(ds, stored)
+        _compress_rle(ds)
         return
     if fmt in ("mono1_raw", "mono1_j2k"):  # inverted: air is bright in the stored values
         lo, hi = float(rng.integers(40, 300)), float(rng.integers(3700, 4060))

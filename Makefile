@@ -32,3 +32,5 @@ lint: setup
 
 bench: setup
 	python bench/convert.py
+	python bench/thresholds.py
+	python bench/train_overhead.py

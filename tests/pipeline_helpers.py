@@ -18,6 +18,9 @@ TINY: dict[str, Any] = {
     "demo": {"n_train": 24, "n_test": 6, "size": 128, "seed": 7},
     "data": {"size": 64, "workers": 1},
     "split": {"n_folds": 2},
+    "oof": {"size": 64},
+    "thresholds": {"trials": 20},
+    "evaluate": {"bootstrap": 100},
     "train": {
         "folds": [0, 1],
         "batch_size": 4,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pipeline_helpers import env, pneumoseg, prepared_data
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,10 @@ def test_train_records_everything_and_parts_hand_over(data_dir: Path, tmp_path: 
     for c in ckpts:
         assert (project / "models/folds/fold0/checkpoints" / c["path"]).is_file()
         assert c["path"] == f"part{c['part']}-epoch{c['epoch']:03d}.pt"
-    best = max((c for c in ckpts if c["part"] == 1), key=lambda c: (c["score"], -c["epoch"]))
+    mode = yaml.safe_load((project / "params.yaml").read_text())["train"]["checkpoint"]["mode"]
+    part1 = [c for c in ckpts if c["part"] == 1]
+    key = lambda c: (c["score"], -c["epoch"])  # noqa: E731
+    best = max(part1, key=key) if mode == "max" else min(part1, key=key)
     final = state_dict(project / "models/folds/fold0/model.pt")
     chosen = state_dict(project / "models/folds/fold0/checkpoints" / best["path"])
     assert all(torch.equal(final[k], chosen[k]) for k in final)

@@ -89,24 +89,6 @@ def _score(params: Any, **kw: Any) -> Any:
     return submit.run_score(params, **kw)
 
 
-def _register(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import register
-
-    return register.run(params, **kw)
-
-
-def _models(params: Any, **kw: Any) -> Any:
-    from pneumoseg import registry
-
-    return registry.run(params, **kw)
-
-
-def _predict(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import predict
-
-    return predict.run(params, **kw)
-
-
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         "generate the synthetic SIIM-like DICOM demo set",
@@ -185,40 +167,6 @@ COMMANDS: dict[str, Command] = {
             Flag("--submission", "submission", str, "submission csv", required=True),
             Flag("--truth", "truth", str, "ground-truth csv (ImageId, EncodedPixels)", True),
             Flag("--json", "json_out", bool, "print JSON"),
-        ],
-    ),
-    "register": Command(
-        "register the fold ensemble + post-processing as a new MLflow model version",
-        _register,
-    ),
-    "models": Command(
-        "the model registry: list, promote VERSION, rollback, show VERSION",
-        _models,
-        [
-            Flag(
-                "action",
-                "action",
-                str,
-                "what to do",
-                choices=("list", "promote", "rollback", "show"),
-            ),
-            Flag("version", "version", str, "model version (promote, show)", nargs="?"),
-            Flag("--json", "json_out", bool, "print JSON"),
-        ],
-    ),
-    "predict": Command(
-        "predict DICOM files or folders with a registered or local model",
-        _predict,
-        [
-            Flag(
-                "--model",
-                "model",
-                str,
-                "models:/name@alias, a runs:/ URI, a local MLflow "
-                "model folder or a models/ folder (default: models:/<registered_model>@champion)",
-            ),
-            Flag("--input", "inputs", str, "DICOM files or folders", required=True, nargs="+"),
-            Flag("--out", "out", str, "output folder", required=True),
         ],
     ),
 }

@@ -289,13 +289,6 @@ class SubmitParams(Strict):
     out: str = "submission/submission.csv"
 
 
-class RegistryParams(Strict):
-    """The fold ensemble + post-processing as one MLflow model (`pneumoseg register`)."""
-
-    auto_promote: bool = False  # champion moves when the challenger's cross-fitted score is higher
-    out: str = "models/registered.json"
-
-
 class MlflowParams(Strict):
     """Where runs are tracked; ``MLFLOW_TRACKING_URI`` overrides ``tracking_uri``."""
 
@@ -317,7 +310,6 @@ class Params(Strict):
     thresholds: ThresholdsParams = ThresholdsParams()
     evaluate: EvaluateParams = EvaluateParams()
     submit: SubmitParams = SubmitParams()
-    registry: RegistryParams = RegistryParams()
     mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")

@@ -88,8 +88,9 @@ class Tracker:
     def _fail(self, what: str, exc: Exception) -> None:
         if not self.failed:
             log.warning(
-                "MLflow %s failed (%s: %s); training goes on, history is kept locally. "
-                "Re-upload later with `pneumoseg upload-run` once the server is back.",
+                "MLflow %s failed (%s: %s); the work goes on without tracking and its record "
+                "stays in the local files (plots/, metrics/, models/). To track it, rerun the "
+                "stage once the server is back (`dvc repro -f -s <stage>`).",
                 what,
                 type(exc).__name__,
                 str(exc).splitlines()[0] if str(exc) else "",

@@ -17,8 +17,11 @@ augmentation, sampler, tracking) from the memory-format choice, which alone chan
 All are warmed up for one epoch, then timed epochs alternate (order rotated every round).
 Per-step times come from an optimizer step post-hook (each step = data + forward + backward +
 step); the ratio uses the per-step time amortised over the whole epoch (pneumoseg's includes
-set_epoch and tracking). Other processes on the machine inflate single steps a lot: the
-"best epoch" column (min over epochs) is the least disturbed figure.
+set_epoch and tracking). Loader-only passes (the data part of the breakdown) are interleaved
+in the same rotation. Other processes on a small machine inflate wall times a lot (two processes
+with two torch threads each on two cores thrash): the process CPU time per step and the "best
+epoch" column are the least disturbed figures, and ``--threads 1`` is far more stable there.
+``--no-nan-fill`` measures the proposed fix for the deterministic-mode cost (see the report).
 
     .venv/bin/python bench/train_overhead.py [--sizes 128 256] [--epochs 4] [--profile 2]
 """
@@ -51,6 +54,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # would override the temp sqlite st
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.utils.deterministic  # noqa: E402
 import yaml  # noqa: E402
 
 from pneumoseg.data import SegDataset  # noqa: E402
@@ -241,14 +245,16 @@ class Bench:
         self.sides = ["pneumoseg", *self.bare]
         self.steps: dict[str, list[float]] = {k: [] for k in self.sides}
         self.per_epoch: dict[str, list[float]] = {k: [] for k in self.sides}
+        self.cpu: dict[str, list[float]] = {k: [] for k in self.sides}  # process CPU s/step
         self.tracking: list[float] = []
+        self.loader_batches: list[float] = []
         self.n_steps: dict[str, int] = {}
 
     # ---- one epoch of each side
     def pneumoseg_epoch(self, epoch: int, record: bool = True) -> None:
         torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
         steps: list[float] = []
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         self.sampler.set_epoch(epoch, self.part.sample_rate.start)
         with self.clock.epoch(steps):
             tr = self.trainer.train_epoch(
@@ -256,12 +262,13 @@ class Bench:
             )
         t1 = time.perf_counter()
         self.trainer.tracker.log_metrics(self._row(tr, t1 - t0), step=epoch)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         if self.trainer.tracker.failed:
             raise RuntimeError("MLflow logging failed (see the warning above)")
         if record:
             self.steps["pneumoseg"] += steps
             self.per_epoch["pneumoseg"].append((t2 - t0) / len(self.loader))
+            self.cpu["pneumoseg"].append((c2 - c0) / len(self.loader))
             self.tracking.append(t2 - t1)
             self.n_steps["pneumoseg"] = len(self.loader)
 
@@ -290,26 +297,24 @@ class Bench:
         torch.use_deterministic_algorithms(False)
         side = self.bare[name]
         steps: list[float] = []
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         with side.clock.epoch(steps):
             n = side.epoch(self.batch_size, len(self.sampler))
         if record:
             self.steps[name] += steps
             self.per_epoch[name].append((time.perf_counter() - t0) / n)
+            self.cpu[name].append((time.process_time() - c0) / n)
             self.n_steps[name] = n
 
     # ---- breakdown
-    def loader_only(self, epochs: int, first_epoch: int) -> list[float]:
+    def loader_only(self, epoch: int) -> None:
         """Per-batch time of iterating the real train loader alone (cache warm)."""
-        per_batch: list[float] = []
-        for e in range(epochs):
-            self.sampler.set_epoch(first_epoch + e, self.part.sample_rate.start)
-            t = time.perf_counter()
-            for _ in self.loader:
-                now = time.perf_counter()
-                per_batch.append(now - t)
-                t = now
-        return per_batch
+        self.sampler.set_epoch(epoch, self.part.sample_rate.start)
+        t = time.perf_counter()
+        for _ in self.loader:
+            now = time.perf_counter()
+            self.loader_batches.append(now - t)
+            t = now
 
     def augmentation_only(self, n_items: int) -> tuple[float, float]:
         """Per-item seconds of (set_random_seed, transform call) on cached arrays."""
@@ -357,13 +362,12 @@ def run_size(root: Path, size: int, rate: float, epochs: int, profile: int) -> d
         runs: list[Callable[[], None]] = [
             partial(b.pneumoseg_epoch, epoch),
             *(partial(b.bare_epoch, name) for name in b.bare),
+            partial(b.loader_only, 1000 + epoch),  # data alone, interleaved like the rest
         ]
         k = rep % len(runs)
         for fn in runs[k:] + runs[:k]:
             fn()
-    n_loader = max(2, epochs // 2)
-    loader = b.loader_only(n_loader, epoch + 1)
-    epoch += n_loader
+    loader = b.loader_batches
     aug_seed, aug_call = b.augmentation_only(200)
     res: dict[str, Any] = {
         "size": size,
@@ -371,6 +375,7 @@ def run_size(root: Path, size: int, rate: float, epochs: int, profile: int) -> d
         "amort": {k: med(v) for k, v in b.per_epoch.items()},
         "best": {k: min(v) for k, v in b.per_epoch.items()},
         "p10": {k: float(np.percentile(v, 10)) for k, v in b.steps.items()},
+        "cpu": {k: med(v) for k, v in b.cpu.items()},
         "loader": med(loader),
         "aug_seed": aug_seed * b.batch_size,
         "aug_call": aug_call * b.batch_size,
@@ -379,17 +384,20 @@ def run_size(root: Path, size: int, rate: float, epochs: int, profile: int) -> d
     }
     steps = ", ".join(f"{k} {v}" for k, v in b.n_steps.items())
     print(f"steps/epoch: {steps}; {epochs} timed epochs per side; load avg {res['load']}")
-    print("  side       per-step median  [IQR]                  p10  amortised/epoch  best epoch")
+    print(
+        "  side       per-step median  [IQR]                  p10  amortised/epoch  best epoch"
+        "   CPU time/step"
+    )
     for k in b.sides:
         print(
             f"  {k:9s} {ms(res['step'][k])} {spread(b.steps[k]):22s} {ms(res['p10'][k])}"
-            f"      {ms(res['amort'][k])}   {ms(res['best'][k])}"
+            f"      {ms(res['amort'][k])}   {ms(res['best'][k])}   {ms(res['cpu'][k])}"
         )
     for ref, what in (("bare", "bare, contiguous"), ("bare_cl", "bare, channels_last")):
         print(
             f"  ratio pneumoseg / {what:20s} amortised {ratio(res, 'amort', ref):.3f}"
             f"  per-step {ratio(res, 'step', ref):.3f}  p10 {ratio(res, 'p10', ref):.3f}"
-            f"  best epoch {ratio(res, 'best', ref):.3f}"
+            f"  best epoch {ratio(res, 'best', ref):.3f}  CPU time {ratio(res, 'cpu', ref):.3f}"
         )
     n = b.n_steps["pneumoseg"]
     print("  breakdown (pneumoseg, per batch unless said):")
@@ -427,14 +435,22 @@ def main(argv: list[str] | None = None) -> int:
         help="constant positive sample rate (demo schedule: 0.8 -> 0.4); sets the epoch length",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument(
+        "--no-nan-fill",
+        action="store_true",
+        help="torch.utils.deterministic.fill_uninitialized_memory = False (proposed fix)",
+    )
     ap.add_argument("--profile", type=int, default=0, help="cProfile N extra pneumoseg epochs")
     ap.add_argument("--keep", action="store_true", help="keep the temp project")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_nan_fill:
+        torch.utils.deterministic.fill_uninitialized_memory = False
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}"
+        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}, deterministic-mode NaN fill "
+        f"of new tensors {torch.utils.deterministic.fill_uninitialized_memory}"
     )
     cwd = os.getcwd()
     tmp = tempfile.TemporaryDirectory(prefix="pneumoseg-bench-")
@@ -458,13 +474,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tmp.cleanup()
     print("\nsummary: per-step time amortised over the epoch (median of epochs); target <= 1.10")
-    print(" size   pneumoseg       bare    bare_cl  ratio/bare  ratio/bare_cl  loader  tracking")
+    print(
+        " size   pneumoseg       bare    bare_cl  ratio/bare  ratio/bare_cl"
+        "  (CPU-time ratios)   loader/batch tracking/epoch"
+    )
     for r in results:
         a = r["amort"]
         print(
             f"{r['size']:5d} {ms(a['pneumoseg'])} {ms(a['bare'])} {ms(a['bare_cl'])}"
             f"     {ratio(r, 'amort', 'bare'):.3f}          {ratio(r, 'amort', 'bare_cl'):.3f}"
-            f" {ms(r['loader'])} {ms(r['tracking'])}/epoch"
+            f"     ({ratio(r, 'cpu', 'bare'):.3f} {ratio(r, 'cpu', 'bare_cl'):.3f})"
+            f"  {ms(r['loader'])} {ms(r['tracking'])}"
         )
     return 0
 

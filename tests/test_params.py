@@ -122,6 +122,14 @@ def test_cross_field_rule_names_its_key(tmp_path: Path) -> None:
     assert message.startswith("params.yaml: train.folds: ") and "\n" not in message
 
 
+def test_classification_head_needs_its_loss(tmp_path: Path) -> None:
+    head = {"train": {"model": {"classification_head": True}, "parts": [{"loss": {"cls": 0}}]}}
+    message = error_of(write_yaml(tmp_path / "params.yaml", head))
+    assert message.startswith("params.yaml: train.model.classification_head: needs loss.cls > 0")
+    head["train"]["parts"][0]["loss"]["cls"] = 0.5
+    load_params(write_yaml(tmp_path / "params.yaml", head))
+
+
 def test_invalid_yaml_and_missing_file_are_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "params.yaml"
     bad.write_text("data: [1\n")

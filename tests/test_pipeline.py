@@ -31,6 +31,7 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         "oof",
         "thresholds",
         "evaluate",
+        "register",
         "submit",
     }
     for path in (
@@ -42,6 +43,7 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         "plots/fold1/learning_curves.png",
         "models/postprocess.json",
         "metrics/evaluate.json",
+        "models/registered.json",
         "submission/submission.csv",
     ):
         assert (project / path).is_file(), path

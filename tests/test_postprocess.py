@@ -15,6 +15,8 @@ from pneumoseg.postprocess import (
     Triplet,
     TripletScorer,
     apply_triplet,
+    exhaustive_best,
+    gate_levels,
     kaggle_dice_naive,
     level,
     scale_area,
@@ -229,6 +231,20 @@ def test_exhaustive_full_grid(data: tuple[np.ndarray, np.ndarray]) -> None:
     assert ordered.bottom_threshold <= ordered.top_threshold
     with pytest.raises(ValueError):
         scorer.exhaustive(areas, min_component_area=100)
+
+
+def test_exhaustive_best_searches_the_gate(data: tuple[np.ndarray, np.ndarray]) -> None:
+    probs, masks = data
+    cls = np.random.default_rng(4).integers(0, 256, size=N, dtype=np.uint8)
+    scorer = TripletScorer(probs, masks, 128, cls=cls)
+    gates = gate_levels((0.1, 0.3))
+    assert gates[0] is None and gates[1:] == [lv / 255 for lv in range(26, 77, 5)]
+    assert gate_levels(None) == [None]
+    best, score = exhaustive_best(scorer, [0.0, 500.0], gates)
+    per_gate = [scorer.exhaustive([0.0, 500.0], cls_gate=g, ordered=True)[1] for g in gates]
+    assert score == pytest.approx(max(per_gate), abs=1e-12)
+    assert best.cls_gate == gates[int(np.argmax(per_gate))]
+    assert score == kaggle_dice_naive(probs, masks, best, 128, cls).mean()
 
 
 def test_empty_baseline(data: tuple[np.ndarray, np.ndarray]) -> None:

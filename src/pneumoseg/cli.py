@@ -32,6 +32,7 @@ class Command:
     help: str
     runner: Callable[..., Any]
     flags: list[Flag] = field(default_factory=list)
+    wants_params_file: bool = False  # the runner also gets params_file= (it edits the file)
 
 
 # Each runner imports its stage module when called (keeps --help and the data tools light).
@@ -87,6 +88,30 @@ def _score(params: Any, **kw: Any) -> Any:
     from pneumoseg.stages import submit
 
     return submit.run_score(params, **kw)
+
+
+def _register(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import register
+
+    return register.run(params, **kw)
+
+
+def _models(params: Any, **kw: Any) -> Any:
+    from pneumoseg import registry
+
+    return registry.run(params, **kw)
+
+
+def _study(params: Any, **kw: Any) -> Any:
+    from pneumoseg import train_study
+
+    return train_study.run(params, **kw)
+
+
+def _predict(params: Any, **kw: Any) -> Any:
+    from pneumoseg.stages import predict
+
+    return predict.run(params, **kw)
 
 
 COMMANDS: dict[str, Command] = {
@@ -169,6 +194,54 @@ COMMANDS: dict[str, Command] = {
             Flag("--json", "json_out", bool, "print JSON"),
         ],
     ),
+    "register": Command(
+        "register the fold ensemble + TTA + post-processing as a new MLflow model version",
+        _register,
+    ),
+    "models": Command(
+        "the model registry: list, promote VERSION, rollback, show VERSION",
+        _models,
+        [
+            Flag(
+                "action",
+                "action",
+                str,
+                "what to do",
+                choices=("list", "promote", "rollback", "show"),
+            ),
+            Flag("version", "version", str, "version number or alias (promote, show)", nargs="?"),
+            Flag("--json", "json_out", bool, "print JSON"),
+        ],
+    ),
+    "predict": Command(
+        "predict DICOM files or folders; writes predictions.csv, mask and overlay PNGs",
+        _predict,
+        [
+            Flag(
+                "--model",
+                "model",
+                str,
+                "models:/NAME@ALIAS or models:/NAME/VERSION, an MLflow model folder or a "
+                "models/ folder (default: models:/<mlflow.registered_model>@champion)",
+            ),
+            Flag("--input", "inputs", str, "DICOM files or folders", required=True, nargs="+"),
+            Flag("--out", "out", str, "output folder", required=True),
+        ],
+    ),
+    "study": Command(
+        "Optuna studies over training params: run (a worker), show, apply the best trial",
+        _study,
+        [
+            Flag("action", "action", str, "what to do", choices=("run", "show", "apply")),
+            Flag("name", "name", str, "study name (a key of studies: in params.yaml)"),
+            Flag("--trials", "trials", int, "run: finished trials the study aims at"),
+            Flag("--timeout", "timeout", str, "run: stop starting trials after (3600, 30m, 2h)"),
+            Flag("--storage", "storage", str, "Optuna RDB URL or journal file"),
+            Flag("--json", "json_out", bool, "show: print JSON"),
+            Flag("--exp", "exp", bool, "apply: run `dvc exp run -S ...` instead of editing"),
+        ],
+        wants_params_file=True,
+    ),
 }
 
 
@@ -215,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS[args.command]
     overrides = {f.key: getattr(args, f.key) for f in command.flags if "." in f.key}
     extra = {f.key: getattr(args, f.key) for f in command.flags if "." not in f.key}
+    if command.wants_params_file:
+        extra["params_file"] = args.params
     try:
         params = load_params(args.params, overrides)
     except ParamsError as exc:

@@ -206,6 +206,10 @@ class TrainParams(Strict):
             raise ValueError("swa.epochs: exceeds the epochs of the last part")
         if any(p.loss.cls > 0 for p in self.parts) and not self.model.classification_head:
             raise ValueError("parts: loss.cls > 0 needs model.classification_head: true")
+        if self.model.classification_head and not any(p.loss.cls > 0 for p in self.parts):
+            raise ValueError(
+                "model.classification_head: needs loss.cls > 0 in a part (else it is never trained)"
+            )
         if len(set(self.folds)) != len(self.folds):
             raise ValueError("folds: must be unique")
         return self
@@ -231,7 +235,7 @@ class ThresholdSpace(Strict):
     bottom_threshold: Range = (0.05, 0.9)
     min_area: Range = (0, 6000)
     min_component_area: Range | None = None
-    cls_gate: Range | None = None
+    cls_gate: Range | None = (0.0, 0.95)  # searched only for models with a head
 
     @model_validator(mode="after")
     def _ordered(self) -> ThresholdSpace:
@@ -289,6 +293,13 @@ class SubmitParams(Strict):
     out: str = "submission/submission.csv"
 
 
+class RegistryParams(Strict):
+    """The fold ensemble + TTA + post-processing as one MLflow model (`pneumoseg register`)."""
+
+    auto_promote: bool = False  # champion moves when the challenger's cross-fitted score is higher
+    out: str = "models/registered.json"  # registered version + model URI (tracked in dvc.lock)
+
+
 class MlflowParams(Strict):
     """Where runs are tracked; ``MLFLOW_TRACKING_URI`` overrides ``tracking_uri``."""
 
@@ -296,6 +307,70 @@ class MlflowParams(Strict):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_location: str = "mlruns/artifacts"
     registered_model: str = "pneumoseg"
+
+
+STUDY_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+
+
+class Distribution(Strict):
+    """One searched parameter: a float/int range (optionally log-scaled or stepped) or a list
+    of categorical choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[str | bool | int | float | None] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Distribution:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("choices: a categorical parameter needs a non-empty list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("low: a float/int parameter needs low and high")
+        if self.low > self.high:
+            raise ValueError("low: must be <= high")
+        if self.log and self.low <= 0:
+            raise ValueError("low: must be > 0 with log: true")
+        if self.log and self.step is not None:
+            raise ValueError("step: cannot be combined with log: true")
+        return self
+
+
+class PrunerParams(Strict):
+    """Early stopping of unpromising trials from their per-epoch validation metric."""
+
+    name: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(3, ge=0)  # median: finished trials before pruning starts
+    warmup_epochs: int = Field(1, ge=0)  # median: epochs of a trial before it can be pruned
+
+
+class StudyParams(Strict):
+    """An Optuna study over training params (`pneumoseg study run NAME`): each trial trains
+    ``folds`` with the trial's values on the reduced ``budget`` and returns the mean final
+    validation ``metric``."""
+
+    space: dict[str, Distribution] = Field(min_length=1)  # params path -> distribution
+    budget: dict[str, Any] = {}  # params path -> value applied to every trial (fewer epochs...)
+    folds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
+    metric: str = "val_kaggle_dice"  # a final validation metric of `train` (metrics/fold<k>.json)
+    direction: Literal["maximize", "minimize"] = "maximize"
+    trials: int = Field(20, ge=1)  # finished (complete + pruned) trials the study aims at
+    timeout: float | None = Field(None, gt=0)  # seconds per worker; None: no limit
+    sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
+    seed: int = 42
+    pruner: PrunerParams = PrunerParams()
+    storage: str | None = None  # None: optuna/journal.log; an RDB URL; env PNEUMOSEG_OPTUNA_STORAGE
+    work_dir: str = "optuna/trials"  # per-trial training files, deleted when a trial ends
+
+    @model_validator(mode="after")
+    def _metric(self) -> StudyParams:
+        if not self.metric.startswith("val_"):
+            raise ValueError("metric: must be a validation metric (val_kaggle_dice, val_loss, ...)")
+        return self
 
 
 class Params(Strict):
@@ -310,13 +385,17 @@ class Params(Strict):
     thresholds: ThresholdsParams = ThresholdsParams()
     evaluate: EvaluateParams = EvaluateParams()
     submit: SubmitParams = SubmitParams()
+    registry: RegistryParams = RegistryParams()
     mlflow: MlflowParams = MlflowParams()
+    studies: dict[str, StudyParams] = {}
 
     @model_validator(mode="after")
     def _folds_exist(self) -> Params:
         bad = [f for f in self.train.folds if f >= self.split.n_folds]
         if bad:
             raise ValueError(f"train.folds: {bad} must be < split.n_folds={self.split.n_folds}")
+        for name, study in self.studies.items():
+            check_study(self, name, study)
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -330,6 +409,65 @@ class Params(Strict):
             data = {k: data[k] for k in sections}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def check_study(params: Params, name: str, study: StudyParams) -> None:
+    """Every path of a study's space and budget must be a params key that accepts the values
+    the study can give it (range ends, choices, budget values); raises a one-line ValueError."""
+    where = f"studies.{name}"
+    if not re.fullmatch(STUDY_NAME, name):
+        raise ValueError(f"{where}: study names use letters, digits, '_', '.', '-'")
+    bad = [f for f in study.folds if f >= params.split.n_folds]
+    if bad:
+        raise ValueError(f"{where}.folds: {bad} must be < split.n_folds={params.split.n_folds}")
+    base = params.model_dump(mode="json", exclude={"studies"})
+    for path, value in study.budget.items():
+        _check_value(base, f"{where}.budget.{path}", path, value)
+    budgeted = json.loads(json.dumps(base))
+    for path, value in study.budget.items():
+        set_path(budgeted, path, value)
+    for path, dist in study.space.items():
+        if not path.startswith("train."):
+            raise ValueError(f"{where}.space.{path}: only train.* params can be searched")
+        if dist.type == "categorical":
+            values = list(dist.choices or [])
+        elif dist.type == "int":
+            values = [int(dist.low or 0), int(dist.high or 0)]
+        else:
+            values = [dist.low, dist.high]
+        for value in values:
+            _check_value(budgeted, f"{where}.space.{path}", path, value)
+
+
+def _check_value(base: dict[str, Any], where: str, path: str, value: Any) -> None:
+    if get_path(base, path) is MISSING:
+        raise ValueError(f"{where}: not a params key")
+    trial = json.loads(json.dumps(base))
+    set_path(trial, path, value)
+    try:
+        Params.model_validate(trial)
+    except ValidationError as err:
+        first = format_validation_error(err, "").splitlines()[0].removeprefix(": ")
+        raise ValueError(f"{where}: value {value!r} is invalid ({first})") from None
+
+
+MISSING = object()  # get_path: the key does not exist
+
+
+def get_path(data: Any, path: str) -> Any:
+    """The value at a dotted path such as ``train.parts[0].lr`` (a sentinel when absent)."""
+    node = data
+    for tok in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        if tok.startswith("["):
+            i = int(tok[1:-1])
+            if not isinstance(node, list) or i >= len(node):
+                return MISSING
+            node = node[i]
+        elif isinstance(node, dict) and tok in node:
+            node = node[tok]
+        else:
+            return MISSING
+    return node
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -385,7 +523,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "value_error":  # our validators: "<relative.key>: <problem>"
             message = message.removeprefix("value error, ")
             key, sep, rest = message.partition(": ")
-            if sep and re.fullmatch(r"[\w.\[\]]+", key):
+            if sep and re.fullmatch(r"[\w.\[\]-]+", key):
                 path = key if path == "<root>" else f"{path}.{key}"
                 message = rest
         lines.append(f"{source}: {path}: {message}")

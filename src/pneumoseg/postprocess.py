@@ -445,6 +445,33 @@ class TripletScorer:
         return triplet, self.score(triplet, subset), scores
 
 
+def gate_levels(gate_range: Sequence[float] | None, step: int = 5) -> list[float | None]:
+    """Gates an exhaustive scan tries: ``None`` (off) plus every ``step``-th uint8 level of the
+    ``(lo, hi)`` range (as thresholds ``level / 255``); just ``[None]`` without a range."""
+    if gate_range is None:
+        return [None]
+    lo, hi = level(gate_range[0]), level(gate_range[1])
+    return [None, *(lv / 255 for lv in range(lo, hi + 1, step))]
+
+
+def exhaustive_best(
+    scorer: TripletScorer,
+    areas: Sequence[float],
+    gates: Sequence[float | None] = (None,),
+    subset: np.ndarray | None = None,
+) -> tuple[Triplet, float]:
+    """Best ordered (bottom <= top) triplet of :meth:`TripletScorer.exhaustive` over every
+    classifier gate in ``gates`` (the first gate wins ties); its exact score."""
+    best: tuple[Triplet, float] | None = None
+    for gate in gates:
+        t, s, _ = scorer.exhaustive(areas, subset=subset, cls_gate=gate, ordered=True)
+        if best is None or s > best[1] + _TIE_TOL:
+            best = (t, s)
+    if best is None:
+        raise ValueError("gates must not be empty")
+    return best
+
+
 def score_grouped(scorer: TripletScorer, groups: np.ndarray, triplets: dict[str, Triplet]) -> float:
     """Mean Kaggle dice over ALL images, each image scored with its group's triplet.
 

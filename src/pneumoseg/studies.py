@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,14 +25,20 @@ def resolve_storage(storage: str | None) -> str:
     return storage or os.environ.get(STORAGE_ENV) or DEFAULT_JOURNAL
 
 
-def open_storage(storage: str | None) -> Any:
-    """An Optuna storage: an RDB URL (``postgresql://``, ``sqlite:///``) is used as is; anything
-    else is a JournalStorage file (safe for several processes on one host)."""
+def open_storage(storage: str | None, heartbeat: int | None = None) -> Any:
+    """An Optuna storage: an RDB URL (``postgresql://``, ``sqlite:///``) is used as is (with
+    Optuna's trial heartbeat every ``heartbeat`` seconds when given, so trials of a dead worker
+    on any host are failed); anything else is a JournalStorage file (safe for several processes
+    on one host)."""
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
     target = resolve_storage(storage)
     if "://" in target:
-        return target
+        if heartbeat is None:
+            return target
+        from optuna.storages import RDBStorage
+
+        return RDBStorage(target, heartbeat_interval=heartbeat, grace_period=4 * heartbeat)
     path = Path(target).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     # An absolute path and an O_EXCL lock file: Optuna's default symlink lock, given a relative
@@ -53,6 +61,34 @@ def fail_stale_trials(study: Any) -> int:
             "optuna: marked %d stale RUNNING trial(s) of %s as FAILED", len(stale), study.study_name
         )
     return len(stale)
+
+
+def redact_storage(storage: str) -> str:
+    """A storage URL without its password (for logs and MLflow tags)."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", storage)
+
+
+def worker_id() -> str:
+    """``host:pid:start`` of this process (the start time tells a reused pid apart)."""
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{int(psutil.Process().create_time() * 1000)}"
+
+
+def worker_alive(worker: str) -> bool | None:
+    """Whether the process named by :func:`worker_id` still runs: None when it ran on another
+    host (unknowable here; RDB storages use Optuna's heartbeat for those)."""
+    import psutil
+
+    host, _, rest = worker.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname():
+        return None
+    try:
+        proc = psutil.Process(int(pid))
+        return int(proc.create_time() * 1000) == int(start) and proc.status() != "zombie"
+    except (psutil.NoSuchProcess, ValueError):
+        return False
 
 
 class MlflowTrialLogger:
@@ -87,18 +123,20 @@ def save_study_plots(study: Any, out_dir: Path, params: list[str] | None = None)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for name in ("optimization_history", "slice", "param_importances", "parallel_coordinate"):
-        kwargs = {} if name == "optimization_history" else {"params": params}
-        try:
-            ax = getattr(vis_mpl, f"plot_{name}")(study, **kwargs)
-            fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
-            fig.set_size_inches(10, 5)
-            fig.tight_layout()
-            fig.savefig(out_dir / f"{name}.png", dpi=90)
-            plt.close(fig)
-            written.append(out_dir / f"{name}.png")
-            getattr(vis, f"plot_{name}")(study, **kwargs).write_html(out_dir / f"{name}.html")
-            written.append(out_dir / f"{name}.html")
-        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-            log.info("study plot %s skipped: %s", name, exc)
+    with warnings.catch_warnings():  # matplotlib/optuna chatter about few or equal values
+        warnings.simplefilter("ignore", UserWarning)
+        for name in ("optimization_history", "slice", "param_importances", "parallel_coordinate"):
+            kwargs = {} if name == "optimization_history" else {"params": params}
+            try:
+                ax = getattr(vis_mpl, f"plot_{name}")(study, **kwargs)
+                fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
+                fig.set_size_inches(10, 5)
+                fig.tight_layout()
+                fig.savefig(out_dir / f"{name}.png", dpi=90)
+                plt.close(fig)
+                written.append(out_dir / f"{name}.png")
+                getattr(vis, f"plot_{name}")(study, **kwargs).write_html(out_dir / f"{name}.html")
+                written.append(out_dir / f"{name}.html")
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+                log.info("study plot %s skipped: %s", name, exc)
     return written

@@ -15,8 +15,20 @@ from typing import Any
 import numpy as np
 
 from pneumoseg.params import Params
-from pneumoseg.postprocess import Triplet, TripletScorer, apply_triplet
-from pneumoseg.stages.thresholds import groups_of, load_oof, load_postprocess
+from pneumoseg.postprocess import (
+    Triplet,
+    TripletScorer,
+    apply_triplet,
+    exhaustive_best,
+    gate_levels,
+)
+from pneumoseg.stages.thresholds import (
+    groups_of,
+    has_cls,
+    load_oof,
+    load_postprocess,
+    search_space,
+)
 from pneumoseg.tracking import Tracker, git_info
 
 
@@ -46,20 +58,36 @@ def bootstrap_ci(values: np.ndarray, n: int, seed: int = 0) -> list[float] | Non
 
 
 def cross_fitted(
-    scorer: TripletScorer, folds: np.ndarray, areas: list[float]
+    scorer: TripletScorer,
+    folds: np.ndarray,
+    areas: list[float],
+    gates: list[float | None] | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, dict[int, dict[str, Any]]]:
-    """Per-image dice where each fold is scored with the triplet tuned on the other folds."""
+    """Per-image dice where each fold is scored with the triplet tuned (exhaustive grid, every
+    classifier gate in ``gates``) on the other folds; with ``groups``, one triplet per group,
+    tuned on the other folds' images of that group (the ungrouped one when there are none)."""
     unique = np.unique(folds)
     if len(unique) < 2:
         return None, {}
+    gates = gates or [None]
     dice = np.empty(len(folds))
     tuned: dict[int, dict[str, Any]] = {}
     for k in unique:
-        held = np.flatnonzero(folds == k)
-        rest = np.flatnonzero(folds != k)
-        best, score, _ = scorer.exhaustive(areas, subset=rest, ordered=True)
-        dice[held] = scorer.per_image(best, held)
+        held = folds == k
+        rest = np.flatnonzero(~held)
+        best, score = exhaustive_best(scorer, areas, gates, rest)
         tuned[int(k)] = dataclasses.asdict(best) | {"tuned_score": score}
+        if groups is None:
+            dice[held] = scorer.per_image(best, np.flatnonzero(held))
+            continue
+        tuned[int(k)]["groups"] = {}
+        for g in np.unique(groups[held]):
+            mine = np.flatnonzero(held & (groups == g))
+            train = np.flatnonzero(~held & (groups == g))
+            t = exhaustive_best(scorer, areas, gates, train)[0] if train.size else best
+            dice[mine] = scorer.per_image(t, mine)
+            tuned[int(k)]["groups"][str(g)] = dataclasses.asdict(t)
     return dice, tuned
 
 
@@ -71,6 +99,8 @@ def _plots(
     positive: np.ndarray,
     ids: list[tuple[str, int]],
     native: np.ndarray,
+    image_triplets: list[Triplet],
+    cls: np.ndarray | None,
 ) -> list[Path]:
     import matplotlib
 
@@ -125,7 +155,8 @@ def _plots(
         cases = []
         for i in pick:
             image_id = ids[i][0]
-            pred = apply_triplet(np.asarray(probs[i]), triplet, int(native[i]))
+            c = None if cls is None else int(cls[i])
+            pred = apply_triplet(np.asarray(probs[i]), image_triplets[i], int(native[i]), c)
             image = read_gray(root / "images" / f"{image_id}.png", params.oof.size)
             cases.append((image, np.asarray(masks[i]), pred, float(dice[i])))
         written.append(save_overlay_grid(cases, out / f"{name}.png"))
@@ -140,7 +171,10 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     dice = per_image_dice(scorer, default, groups, triplets)
     folds = np.array([f for _, f in ids])
     positive = scorer.gt > 0
-    cf_dice, cf_tuned = cross_fitted(scorer, folds, params.thresholds.exhaustive_areas)
+    gates = gate_levels(search_space(params.thresholds.space, has_cls(params)).get("cls_gate"))
+    cf_dice, cf_tuned = cross_fitted(
+        scorer, folds, params.thresholds.exhaustive_areas, gates, groups
+    )
     result: dict[str, Any] = {
         "kaggle_dice": float(dice.mean()),
         "kaggle_dice_ci95": bootstrap_ci(dice, params.evaluate.bootstrap),
@@ -151,6 +185,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         "n_images": len(dice),
         "n_positive": int(positive.sum()),
         "thresholds": dataclasses.asdict(default),
+        "group_by": group_by,
         "per_fold": {},
     }
     for k in np.unique(folds):
@@ -166,7 +201,13 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     native = np.array([int(manifest[i]["width"]) for i, _ in ids])
-    plots = _plots(params, scorer, default, dice, positive, ids, native)
+    image_triplets = [
+        default if groups is None else triplets.get(str(g), default)
+        for g in (groups if groups is not None else [None] * len(ids))
+    ]
+    cls_path = Path(params.oof.out_dir) / "cls.npy"
+    cls = np.load(cls_path) if cls_path.is_file() else None
+    plots = _plots(params, scorer, default, dice, positive, ids, native, image_triplets, cls)
     tracker = Tracker(params.mlflow)
     tracker.start("evaluate", {"stage": "evaluate", **git_info()})
     flat = {

@@ -23,6 +23,8 @@ from pneumoseg.params import Params, ThresholdSpace
 from pneumoseg.postprocess import (
     Triplet,
     TripletScorer,
+    exhaustive_best,
+    gate_levels,
     score_grouped,
     suggest_triplet,
     triplet_from_params,
@@ -162,10 +164,9 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     )
     elapsed = time.perf_counter() - t0
     best = triplets_from(study.best_params, space, group_names)
+    gates = gate_levels(space.get("cls_gate"))
+    areas = cfg.exhaustive_areas
     result: dict[str, Any] = {
-        **asdict(
-            best["*"] if groups is None else _global_fallback(scorer, cfg.exhaustive_areas)[0]
-        ),
         "score": float(study.best_value),
         "n_trials": len(study.trials),
         "size": params.oof.size,
@@ -174,23 +175,52 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         "storage": storage_url,
         "mlflow_run_id": tracker.run_id,
     }
-    if groups is not None:
-        result["group_by"] = cfg.group_by
-        result["groups"] = {g: asdict(t) for g, t in best.items()}
-    if cfg.exhaustive:
+    if groups is None:
+        result.update(asdict(best["*"]))
+        if cfg.exhaustive:
+            t1 = time.perf_counter()
+            ex_best, ex_score = exhaustive_best(scorer, areas, gates)
+            result["exhaustive"] = {
+                **asdict(ex_best),
+                "score": ex_score,
+                "areas": list(areas),
+                "gates": len(gates),
+                "seconds": round(time.perf_counter() - t1, 3),
+                "optuna_gap": ex_score - result["score"],
+            }
+            if ex_score > result["score"]:
+                # The grid found a better triplet than the study: apply it, keep both on record.
+                result.update(asdict(ex_best) | {"score": ex_score})
+                result["selected"] = "exhaustive"
+    else:
+        # The score is additive over groups: per group, keep the better of the study's and the
+        # grid's triplet. Images of a group never seen here get the ungrouped grid optimum.
         t1 = time.perf_counter()
-        ex_best, ex_score, _ = scorer.exhaustive(cfg.exhaustive_areas, ordered=True)
-        result["exhaustive"] = {
-            **asdict(ex_best),
-            "score": ex_score,
-            "areas": list(cfg.exhaustive_areas),
-            "seconds": round(time.perf_counter() - t1, 3),
-            "optuna_gap": ex_score - result["score"],
-        }
-        if ex_score > result["score"] and groups is None:
-            # The grid found a better triplet than the study: apply it, keep both on record.
-            result.update({k: v for k, v in asdict(ex_best).items()} | {"score": ex_score})
-            result["selected"] = "exhaustive"
+        result.update(asdict(exhaustive_best(scorer, areas, gates)[0]))
+        chosen: dict[str, Triplet] = {}
+        selected: dict[str, str] = {}
+        for g in group_names or []:
+            idx = np.flatnonzero(groups == g)
+            chosen[g], selected[g] = best[g], "optuna"
+            if cfg.exhaustive:
+                ex_best, ex_score = exhaustive_best(scorer, areas, gates, idx)
+                if ex_score > scorer.score(best[g], idx):
+                    chosen[g], selected[g] = ex_best, "exhaustive"
+        result["score"] = score_grouped(scorer, groups, chosen)
+        result["group_by"] = cfg.group_by
+        result["groups"] = {g: asdict(t) for g, t in chosen.items()}
+        result["group_selected"] = selected
+        result["group_sizes"] = {g: int((groups == g).sum()) for g in chosen}
+        if cfg.exhaustive:
+            result["exhaustive"] = {
+                "score": result["score"],
+                "areas": list(areas),
+                "gates": len(gates),
+                "seconds": round(time.perf_counter() - t1, 3),
+                "optuna_gap": result["score"] - float(study.best_value),
+            }
+        if "exhaustive" in selected.values():
+            result["selected"] = "exhaustive" if "optuna" not in selected.values() else "mixed"
     result.setdefault("selected", "optuna")
     result["optuna_best_score"] = float(study.best_value)
     out = Path(cfg.out)
@@ -222,9 +252,3 @@ def load_postprocess(path: str | Path) -> tuple[Triplet, str | None, dict[str, T
     fields = {f: data[f] for f in Triplet.__dataclass_fields__}
     groups = {g: Triplet(**t) for g, t in data.get("groups", {}).items()}
     return Triplet(**fields), data.get("group_by"), groups
-
-
-def _global_fallback(scorer: TripletScorer, areas: list[float]) -> tuple[Triplet, float]:
-    """For grouped studies: the ungrouped exhaustive optimum, used for unseen groups."""
-    best, score, _ = scorer.exhaustive(areas, ordered=True)
-    return best, score

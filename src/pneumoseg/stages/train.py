@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,11 +141,48 @@ def _barrier(dist: Dist) -> None:
         tdist.barrier()
 
 
+def _sum_across_ranks(dist: Dist, sums: dict[str, float], n: int) -> tuple[dict[str, float], int]:
+    """Add up per-rank loss sums and item counts, so every rank reports the whole epoch."""
+    if dist.world_size <= 1:
+        return sums, n
+    import torch.distributed as tdist
+
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64)
+    tdist.all_reduce(t)
+    return dict(zip(keys, t[:-1].tolist(), strict=True)), int(t[-1].item())
+
+
+def _broadcast_buffers(dist: Dist, model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics (DDP syncs them only before a training
+    forward), so validation, checkpoint ranking and the final weights agree across ranks."""
+    if dist.world_size <= 1:
+        return
+    import torch.distributed as tdist
+
+    for buf in model.buffers():
+        tdist.broadcast(buf, 0)
+
+
 class FoldTrainer:
     """Trains one fold; see the module docstring."""
 
-    def __init__(self, params: Params, fold: int, progress: bool = True) -> None:
+    def __init__(
+        self,
+        params: Params,
+        fold: int,
+        progress: bool = True,
+        parent_run_id: str | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        log_model: bool = True,
+    ) -> None:
+        """``parent_run_id`` nests the fold's MLflow run (study trials); ``on_epoch`` sees each
+        epoch's history row (an exception it raises, e.g. a pruned trial, ends the run as
+        KILLED); ``log_model=False`` keeps the model files out of MLflow."""
         self.params = params
+        self.parent_run_id = parent_run_id
+        self.on_epoch = on_epoch
+        self.log_model = log_model
         self.cfg = params.train
         self.fold = fold
         self.progress = progress
@@ -235,6 +273,7 @@ class FoldTrainer:
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * b
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * b
+        sums, n = _sum_across_ranks(self.dist, sums, n)
         return {k: v / max(n, 1) for k, v in sums.items()}
 
     @torch.no_grad()
@@ -321,7 +360,10 @@ class FoldTrainer:
         run = RunState(**blob["run"])
         if blob.get("version") != STATE_VERSION or run.run_key != self.run_key:
             log.warning("train: %s belongs to other params/data; starting afresh", path)
-            shutil.rmtree(self.work)
+            _barrier(self.dist)  # every rank has read the stale state before it goes
+            if self.dist.main:
+                shutil.rmtree(self.work, ignore_errors=True)
+            _barrier(self.dist)
             return None
         return run, blob["torch"] | {"rng": blob["rng"]}
 
@@ -342,6 +384,8 @@ class FoldTrainer:
             "data_hash": self.data_hash,
             **git_info(),
         }
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
         run_id = self.tracker.start(f"train-fold{self.fold}", tags, state.mlflow_run_id)
         if run_id and not state.mlflow_run_id:
             state.mlflow_run_id = run_id
@@ -413,6 +457,7 @@ class FoldTrainer:
                     scaler,
                     f"fold{self.fold} epoch {epoch}",
                 )
+                _broadcast_buffers(self.dist, model)
                 in_swa = swa_model is not None and swa_start is not None and e >= swa_start
                 if in_swa:
                     swa_model.update_parameters(model)
@@ -466,7 +511,8 @@ class FoldTrainer:
                         "swa_sched": swa_sched.state_dict() if swa_sched is not None else None,
                     },
                 )
-                log.info(
+                log.log(
+                    logging.INFO if self.dist.main else logging.DEBUG,
                     "fold %d epoch %d/%d [part %d, %dpx] loss %.4f/%.4f kaggle_dice %.4f "
                     "dice_pos %.4f empty_acc %.3f rate %.2f lr %.2e (%.1fs)",
                     self.fold,
@@ -484,6 +530,12 @@ class FoldTrainer:
                     row["epoch_seconds"],
                 )
                 _barrier(self.dist)
+                if self.on_epoch is not None:
+                    try:
+                        self.on_epoch(row)
+                    except BaseException:
+                        self.tracker.end("KILLED")
+                        raise
             state.part, state.epoch_in_part = p_idx + 1, -1
             first_epoch += part.epochs
             resumed = None
@@ -519,6 +571,7 @@ class FoldTrainer:
         blobs = [
             torch.load(self.work / c["path"], map_location="cpu", weights_only=True) for c in best
         ]
+        _barrier(self.dist)  # rank 0 deletes the work folder at the end
         if final_kind == "swa" and swa_model is not None:
             torch.optim.swa_utils.update_bn(self._plain_train_loader(size), swa_model, self.device)
             weights = swa_model.module.state_dict()
@@ -568,8 +621,9 @@ class FoldTrainer:
         tr.set_tags({"best_epoch": str(result["best_epoch"]), "final_weights": final_kind})
         for path in (curves, overlays, self.plots / "history.csv", metrics_path):
             tr.log_artifact(path, "plots" if path.suffix != ".json" else None)
-        tr.log_artifact(self.out / "model.pt", "model")
-        tr.log_artifact(self.out / "checkpoints.json", "model")
+        if self.log_model:
+            tr.log_artifact(self.out / "model.pt", "model")
+            tr.log_artifact(self.out / "checkpoints.json", "model")
         import yaml
 
         tr.log_text(
@@ -618,4 +672,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def run(params: Params, fold: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """CLI/DVC entry: train ``fold`` (or every fold in ``train.folds``)."""
     folds = [fold] if fold is not None else params.train.folds
-    return [FoldTrainer(params, f, progress).run() for f in folds]
+    try:
+        return [FoldTrainer(params, f, progress).run() for f in folds]
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()

@@ -1,0 +1,255 @@
+"""``pneumoseg predict``: DICOM files or folders -> predictions with a registered or local model.
+
+``--model`` is ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (default
+``models:/<mlflow.registered_model>@champion``), a ``runs:/`` or other MLflow artifact URI, a
+local MLflow model folder (with ``MLmodel``) or a ``models/`` folder without MLflow
+(``folds/fold<k>/model.pt`` + ``postprocess.json``, used with the current params).
+
+DICOMs are decoded as ``convert`` does (``read_dicom`` + ``prepare_image`` with the model's
+``data.size`` / ``data.clahe``) and predicted as ``submit`` does (same ensemble, TTA and
+post-processing), streamed in batches. Writes to ``--out``:
+
+* ``predictions.csv``: ImageId (file stem), EncodedPixels (``submit.dialect``; ``-1`` = empty),
+  has_pneumothorax (0/1), area_px (native pixels), max_prob;
+* ``masks/<ImageId>.png`` (0/255, native resolution) and ``overlays/<ImageId>.png`` (the
+  radiograph with the prediction filled semi-transparently and outlined);
+* ``failures.csv`` (file name, reason) for unreadable inputs; ``model.json`` (what was used).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pneumoseg.params import Params
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pneumoseg.serving import Bundle
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("ImageId", "EncodedPixels", "has_pneumothorax", "area_px", "max_prob")
+
+
+class PredictError(RuntimeError):
+    """A model or input problem that stops ``predict``; one line for the user."""
+
+
+def _is_uri(model: str) -> bool:
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
+def _download(params: Params, model: str, dst: Path) -> tuple[Path, dict[str, Any]]:
+    """Download an MLflow model URI; ``models:/name@alias`` is pinned to its version first."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pneumoseg.registry import RegistryError, get_version, using_tracking_uri
+    from pneumoseg.tracking import tracking_uri
+
+    uri = tracking_uri(params.mlflow)
+    info: dict[str, Any] = {"model": model}
+    if model.startswith("models:/"):
+        ref = model.removeprefix("models:/").rstrip("/")
+        name, sep, alias = ref.partition("@")
+        if not sep:
+            name, _, alias = ref.partition("/")
+        if name and alias and "/" not in alias:
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            try:
+                mv = get_version(client, name, alias)
+            except RegistryError as exc:
+                raise PredictError(f"--model {model}: {exc}") from None
+            info.update(name=name, version=str(mv.version), run_id=mv.run_id)
+            model = f"models:/{name}/{mv.version}"
+    quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # one bar line per file otherwise
+    saved = os.environ.get(quiet)
+    os.environ[quiet] = "false"
+    try:
+        with using_tracking_uri(uri):  # models:/ sources resolve through the fluent API
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=model, dst_path=str(dst), tracking_uri=uri, registry_uri=uri
+            )
+    except MlflowException as exc:
+        first = str(exc.message).strip().splitlines()[0][:300]
+        raise PredictError(f"--model {info['model']}: {first}") from None
+    finally:
+        if saved is None:
+            os.environ.pop(quiet, None)
+        else:
+            os.environ[quiet] = saved
+    return Path(local), info
+
+
+def _mlflow_folder(folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """(artifact name -> absolute path, model_config) of an unpacked pneumoseg pyfunc."""
+    import yaml
+
+    conf = (yaml.safe_load((folder / "MLmodel").read_text()) or {}).get("flavors", {})
+    pyfunc = conf.get("python_function") or {}
+    config = pyfunc.get("config") or {}
+    artifacts = {
+        name: str(folder / entry["path"]) for name, entry in (pyfunc.get("artifacts") or {}).items()
+    }
+    if not artifacts or "models" not in config:
+        raise PredictError(f"{folder}: an MLflow model, but not a pneumoseg model")
+    return artifacts, config
+
+
+def load_model(params: Params, model: str | None) -> Bundle:
+    """Resolve ``--model`` (see the module docstring) into a ready :class:`Bundle`."""
+    from pneumoseg.inference import fold_model_files
+    from pneumoseg.models import ModelError
+    from pneumoseg.serving import build_bundle, bundle_from_artifacts
+
+    model = model or f"models:/{params.mlflow.registered_model}@champion"
+    try:
+        if _is_uri(model):
+            with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as tmp:
+                folder, info = _download(params, model, Path(tmp))
+                bundle = bundle_from_artifacts(*_mlflow_folder(folder))
+            bundle.description = {**info, **bundle.description}
+            return bundle
+        folder = Path(model)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--model {model}: no such folder")
+        if (folder / "MLmodel").is_file():
+            bundle = bundle_from_artifacts(*_mlflow_folder(folder))
+            bundle.description = {"model": str(folder), **bundle.description}
+            return bundle
+        post = folder / "postprocess.json"
+        if not (folder / "folds").is_dir() or not post.is_file():
+            raise PredictError(
+                f"--model {model}: neither an MLflow model folder (MLmodel) nor a models/ "
+                "folder (folds/fold<k>/model.pt + postprocess.json)"
+            )
+        files = [
+            f
+            for k in params.train.folds
+            for f in fold_model_files(folder / "folds", k, params.oof.checkpoints)
+        ]
+        description = {"model": str(folder), "files": [str(f) for f in files]}
+        return build_bundle(files, post, params, description)
+    except ModelError as exc:
+        raise PredictError(f"--model {model}: {exc}") from None
+
+
+def find_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """DICOM files (folders searched recursively for ``*.dcm``), sorted by ImageId; plus
+    (name, reason) of inputs that cannot be used (missing, duplicate ImageId)."""
+    found: dict[str, Path] = {}
+    failures: list[tuple[str, str]] = []
+    candidates: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            candidates += sorted(
+                p for p in path.rglob("*") if p.suffix.lower() == ".dcm" and p.is_file()
+            )
+        elif path.is_file():
+            candidates.append(path)
+        else:
+            failures.append((path.name or raw, "no such file or folder"))
+    for path in candidates:
+        if path.stem in found:
+            if found[path.stem].resolve() != path.resolve():
+                failures.append((path.name, f"duplicate ImageId {path.stem} (kept another)"))
+            continue
+        found[path.stem] = path
+    return [found[k] for k in sorted(found)], failures
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def run(
+    params: Params,
+    progress: bool = True,
+    model: str | None = None,
+    inputs: list[str] | None = None,
+    out: str = "predictions",
+) -> dict[str, Any]:
+    """CLI entry of ``pneumoseg predict``; returns a summary."""
+    import cv2
+    from tqdm import tqdm
+
+    from pneumoseg.dicom import DicomReadError, read_dicom
+    from pneumoseg.plots import overlay
+    from pneumoseg.serving import result_row
+
+    files, failures = find_inputs(list(inputs or []))
+    for name, reason in failures:
+        print(f"predict: skipped {name}: {reason}", file=sys.stderr)
+    if not files:
+        raise PredictError(f"no DICOM files found in {' '.join(inputs or [])}")
+    bundle = load_model(params, model)
+    dialect = params.submit.dialect
+    root = Path(out)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    (root / "overlays").mkdir(parents=True, exist_ok=True)
+    natives: dict[str, np.ndarray] = {}  # at most one batch of native images in memory
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
+
+    def items() -> Iterator[tuple[str, np.ndarray, tuple[int, int], dict[str, Any]]]:
+        for path in files:
+            try:
+                dicom = read_dicom(path)
+            except DicomReadError as exc:
+                failures.append((path.name, str(exc)))
+                tqdm.write(f"predict: skipped {path.name}: {exc}", file=sys.stderr)
+                bar.update(1)
+                continue
+            natives[path.stem] = dicom.image
+            yield path.stem, bundle.prepare(dicom.image), (dicom.height, dicom.width), dicom.meta
+
+    positive = predicted = 0
+    with (root / "predictions.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(FIELDS))
+        writer.writeheader()
+        for pred in bundle.predict(items()):
+            row = result_row(pred, dialect)
+            writer.writerow(row)
+            positive += row["has_pneumothorax"]
+            predicted += 1
+            image = natives.pop(pred.image_id)
+            name = f"{pred.image_id}.png"
+            ok = cv2.imwrite(str(root / "masks" / name), pred.mask * 255)
+            ok &= cv2.imwrite(str(root / "overlays" / name), overlay(image, pred.mask))
+            if not ok:
+                raise OSError(f"{root}: cannot write the PNGs of {pred.image_id}")
+            bar.update(1)
+    bar.close()
+    _write_csv(root / "failures.csv", ("path", "reason"), failures)
+    summary = {
+        **bundle.description,
+        "dialect": dialect,
+        "n_predicted": predicted,
+        "n_positive": positive,
+        "n_failed": len(failures),
+    }
+    (root / "model.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    which = summary.get("model", "")
+    if "version" in summary:
+        which = f"{summary['name']} version {summary['version']} ({summary['model']})"
+    print(
+        f"predict: {predicted} images ({positive} with pneumothorax), {len(failures)} failed"
+        + (f" (see {root / 'failures.csv'})" if failures else "")
+        + f" with {which} -> {root}"
+    )
+    if predicted == 0:
+        raise PredictError(f"no input could be read (see {root / 'failures.csv'})")
+    return summary

@@ -1,0 +1,101 @@
+"""Conditional thresholds (``thresholds.group_by``): searched per group, applied per group."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipeline_helpers import pneumoseg, prepared_data
+
+pytestmark = pytest.mark.slow
+
+GROUPED = {
+    "thresholds": {"group_by": "view_position", "trials": 20},
+    "evaluate": {"bootstrap": 50, "gallery": 2},
+    "train": {
+        "parts": [{"size": 64, "epochs": 1, "lr": 0.003, "loss": {"bce": 1, "dice": 1}}],
+    },
+}
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = prepared_data(tmp_path_factory.mktemp("grouped") / "p", GROUPED)
+    for stage in ("train", "oof", "thresholds"):
+        pneumoseg("-q", stage, cwd=path)
+    return path
+
+
+def oof_arrays(project: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """OOF maps, masks, native widths and view positions in OOF row order."""
+    manifest = {r["ImageId"]: r for r in rows(project / "data/processed/manifest.csv")}
+    ids = [r["ImageId"] for r in rows(project / "oof/ids.csv")]
+    probs = np.load(project / "oof/probs.npy")
+    masks = np.load(project / "oof/masks.npy")
+    native = np.array([int(manifest[i]["width"]) for i in ids])
+    views = np.array([manifest[i]["view_position"] for i in ids])
+    return probs, masks, native, views
+
+
+def naive_grouped(project: Path, post: dict) -> float:
+    """Mean Kaggle dice with each image's group triplet, by re-thresholding every map."""
+    from pneumoseg.postprocess import Triplet, kaggle_dice_naive
+
+    probs, masks, native, views = oof_arrays(project)
+    dice = np.empty(len(probs))
+    for g, t in post["groups"].items():
+        idx = np.flatnonzero(views == g)
+        dice[idx] = kaggle_dice_naive(probs[idx], masks[idx], Triplet(**t), native[idx])
+    return float(dice.mean())
+
+
+def test_one_triplet_per_group_and_exact_score(project: Path) -> None:
+    post = json.loads((project / "models/postprocess.json").read_text())
+    _, _, _, views = oof_arrays(project)
+    assert post["group_by"] == "view_position"
+    assert set(post["groups"]) == set(views.tolist()) == {"AP", "PA"}
+    assert post["group_sizes"] == {g: int((views == g).sum()) for g in ("AP", "PA")}
+    for t in post["groups"].values():
+        assert {"top_threshold", "min_area", "bottom_threshold"} <= set(t)
+    assert post["score"] == pytest.approx(naive_grouped(project, post), abs=1e-12)
+    assert post["score"] >= post["optuna_best_score"]  # per group, the better of study and grid
+
+
+def test_evaluate_and_submit_apply_each_groups_triplet(project: Path) -> None:
+    from pneumoseg.postprocess import Triplet
+
+    # Make the groups' triplets maximally different: AP predicts nothing, PA every pixel > 0.
+    post_path = project / "models/postprocess.json"
+    post = json.loads(post_path.read_text())
+    post["groups"] = {
+        "AP": asdict(Triplet(top_threshold=1.0, min_area=0, bottom_threshold=1.0)),
+        "PA": asdict(Triplet(top_threshold=0.0, min_area=0, bottom_threshold=0.0)),
+    }
+    post_path.write_text(json.dumps(post))
+    pneumoseg("-q", "evaluate", cwd=project)
+    pneumoseg("-q", "submit", cwd=project)
+
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    assert ev["group_by"] == "view_position"
+    assert ev["kaggle_dice"] == pytest.approx(naive_grouped(project, post), abs=1e-12)
+    cf = ev["per_fold"]["0"]["cross_fit_thresholds"]["groups"]
+    assert set(cf) <= {"AP", "PA"}  # cross-fitting tunes one triplet per group as well
+
+    manifest = {r["ImageId"]: r for r in rows(project / "data/processed/manifest.csv")}
+    sub = {r["ImageId"]: r["EncodedPixels"] for r in rows(project / "submission/submission.csv")}
+    views = {manifest[i]["view_position"] for i in sub}
+    assert views == {"AP", "PA"}  # the demo test set has both groups
+    for image_id, rle in sub.items():
+        if manifest[image_id]["view_position"] == "AP":
+            assert rle == "-1", image_id
+        else:
+            assert rle != "-1", image_id

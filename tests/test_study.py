@@ -380,3 +380,10 @@ def test_changed_space_needs_a_new_study_name(studied: Path, tmp_path: Path) -> 
     assert "study tiny: the stored study was run with another space" in proc.stderr
     proc = pneumoseg("study", "show", "nope", cwd=project, check=False)
     assert "studies.nope: no such study (defined: loss-and-sampling, slow, tiny)" in proc.stderr
+
+
+def test_logged_params_have_mlflow_safe_keys() -> None:
+    """The studies section (paths with brackets) stays out of the params logged to MLflow."""
+    flat = load_params(ROOT / "params.yaml").flat()
+    assert flat and not [k for k in flat if not re.fullmatch(r"[\w./ :-]+", k)]
+    assert not [k for k in flat if k.startswith("studies")]

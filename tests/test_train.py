@@ -175,6 +175,25 @@ def test_tracking_failure_does_not_stop_training(data_dir: Path, tmp_path: Path)
     result = json.loads((project / "metrics/fold0.json").read_text())
     assert result["mlflow_run_id"] is None
     assert len((project / "plots/fold0/history.csv").read_text().splitlines()) == 5
+    assert "pneumoseg upload --fold K" in proc.stderr
+
+    # Once the store is back, the local record becomes an MLflow run, without retraining.
+    pneumoseg("-q", "upload", "--fold", "0", cwd=project)
+    result = json.loads((project / "metrics/fold0.json").read_text())
+    runs = mlflow_runs(project)
+    assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]]
+    run = runs[0]
+    assert run.data.tags["uploaded_after_tracking_failure"] == "true"
+    assert run.data.params["train.parts.0.epochs"] == "2"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3, 4]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "model/model.pt" in arts
+    # a second upload does nothing
+    pneumoseg("-q", "upload", "--fold", "0", cwd=project)
+    assert len(mlflow_runs(project)) == 1
 
 
 def test_bad_monitor_and_bad_weights_fail_clearly(data_dir: Path, tmp_path: Path) -> None:

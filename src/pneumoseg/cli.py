@@ -102,6 +102,12 @@ def _models(params: Any, **kw: Any) -> Any:
     return registry.run(params, **kw)
 
 
+def _upload(params: Any, **kw: Any) -> Any:
+    from pneumoseg import upload
+
+    return upload.run(params, **kw)
+
+
 def _study(params: Any, **kw: Any) -> Any:
     from pneumoseg import train_study
 
@@ -227,6 +233,11 @@ COMMANDS: dict[str, Command] = {
             Flag("--input", "inputs", str, "DICOM files or folders", required=True, nargs="+"),
             Flag("--out", "out", str, "output folder", required=True),
         ],
+    ),
+    "upload": Command(
+        "put an untracked fold training (MLflow was down) into MLflow from its local record",
+        _upload,
+        [Flag("--fold", "fold", int, "upload only this fold (default: all of train.folds)")],
     ),
     "study": Command(
         "Optuna studies over training params: run (a worker), show, apply the best trial",

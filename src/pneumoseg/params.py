@@ -399,8 +399,9 @@ class Params(Strict):
         return self
 
     def flat(self) -> dict[str, Any]:
-        """Flattened ``{"train.parts.0.lr": value}`` view (MLflow-safe keys)."""
-        return flatten(self.model_dump(mode="json"))
+        """Flattened ``{"train.parts.0.lr": value}`` view of the pipeline params (MLflow-safe
+        keys; the ``studies`` section is not a pipeline param and is left out)."""
+        return flatten(self.model_dump(mode="json", exclude={"studies"}))
 
     def digest(self, *sections: str) -> str:
         """Short sha256 of the given sections (all when none), stable across key order."""

@@ -89,8 +89,9 @@ class Tracker:
         if not self.failed:
             log.warning(
                 "MLflow %s failed (%s: %s); the work goes on without tracking and its record "
-                "stays in the local files (plots/, metrics/, models/). To track it, rerun the "
-                "stage once the server is back (`dvc repro -f -s <stage>`).",
+                "stays in the local files (plots/, metrics/, models/). Once the server is back, "
+                "`pneumoseg upload --fold K` puts a fold training into MLflow (other stages: "
+                "rerun them, `dvc repro -f -s <stage>`).",
                 what,
                 type(exc).__name__,
                 str(exc).splitlines()[0] if str(exc) else "",

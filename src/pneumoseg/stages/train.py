@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.deterministic
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -193,6 +194,10 @@ class FoldTrainer:
         else:
             self.device = torch.device("cpu")
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # Deterministic mode also fills every new tensor with NaN (a guard against reading
+            # uninitialised memory): ~10% of a CPU training step (bench/train_overhead.py
+            # --no-nan-fill) and not needed for run-to-run identical weights.
+            torch.utils.deterministic.fill_uninitialized_memory = False
         self.amp = self.cfg.amp and self.device.type == "cuda"
         self.memory_format = (
             torch.channels_last if self.cfg.channels_last else torch.contiguous_format

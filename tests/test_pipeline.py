@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,15 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     assert "train@0" in lock["stages"]
 
     assert repro(project) == set()  # nothing changed: nothing runs
+
+    # A fold trained while MLflow was down: `pneumoseg upload` tracks it; dvc.lock stays true.
+    metrics0 = project / "metrics/fold0.json"
+    record = json.loads(metrics0.read_text()) | {"mlflow_run_id": None}
+    metrics0.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    run([sys.executable, "-m", "pneumoseg", "-q", "upload", "--fold", "0"], cwd=project)
+    uploaded = json.loads(metrics0.read_text())["mlflow_run_id"]
+    assert client.get_run(uploaded).data.tags["uploaded_after_tracking_failure"] == "true"
+    assert repro(project) == set()
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["parts"][0]["lr"] = 0.002

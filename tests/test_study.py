@@ -167,14 +167,13 @@ def one_thread_env() -> dict[str, str]:
     return env() | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def load(project: Path, name: str) -> Any:
+def load(project: Path, name: str, storage: str | None = None) -> Any:
     import optuna
 
     from pneumoseg.studies import open_storage
 
-    return optuna.load_study(
-        study_name=name, storage=open_storage(str(project / "optuna/journal.log"))
-    )
+    storage = storage or str(project / "optuna/journal.log")
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
 
 
 def mlflow_runs(project: Path) -> dict[str, Any]:
@@ -361,9 +360,11 @@ def test_killed_worker_trial_is_failed_and_retried(base: Path, tmp_path: Path) -
 def test_seeded_study_gives_the_same_trials_again(
     base: Path, studied: Path, tmp_path: Path
 ) -> None:
+    """Same seed, same trials, here through an RDB storage (sqlite, with Optuna's heartbeat)."""
     project = shutil.copytree(base, tmp_path / "again")
-    pneumoseg("-q", "study", "run", "tiny", cwd=project)
-    again = [(t.params, t.value) for t in load(project, "tiny").trials]
+    url = f"sqlite:///{project}/optuna/studies.db"
+    pneumoseg("-q", "study", "run", "tiny", "--storage", url, cwd=project)
+    again = [(t.params, t.value) for t in load(project, "tiny", url).trials]
     first = [(t.params, t.value) for t in load(studied, "tiny").trials][:2]
     assert again == first
     assert len(again) == 2
@@ -387,3 +388,13 @@ def test_logged_params_have_mlflow_safe_keys() -> None:
     flat = load_params(ROOT / "params.yaml").flat()
     assert flat and not [k for k in flat if not re.fullmatch(r"[\w./ :-]+", k)]
     assert not [k for k in flat if k.startswith("studies")]
+
+
+def test_storage_errors_are_one_line_without_the_password() -> None:
+    from pneumoseg.studies import open_storage
+
+    with pytest.raises(RuntimeError) as err:
+        open_storage("postgresql://user:secret@127.0.0.1:1/optuna")
+    message = str(err.value)
+    assert message.startswith("Optuna storage postgresql://user:***@127.0.0.1:1/optuna: ")
+    assert "secret" not in message and "\n" not in message

@@ -34,11 +34,7 @@ def open_storage(storage: str | None, heartbeat: int | None = None) -> Any:
 
     target = resolve_storage(storage)
     if "://" in target:
-        if heartbeat is None:
-            return target
-        from optuna.storages import RDBStorage
-
-        return RDBStorage(target, heartbeat_interval=heartbeat, grace_period=4 * heartbeat)
+        return open_rdb_storage(target, heartbeat)
     path = Path(target).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     # An absolute path and an O_EXCL lock file: Optuna's default symlink lock, given a relative
@@ -61,6 +57,30 @@ def fail_stale_trials(study: Any) -> int:
             "optuna: marked %d stale RUNNING trial(s) of %s as FAILED", len(stale), study.study_name
         )
     return len(stale)
+
+
+def open_rdb_storage(url: str, heartbeat: int | None = None) -> Any:
+    """An RDBStorage (sqlite/postgresql/mysql URL); with ``heartbeat`` seconds, trials of a dead
+    worker are failed and retried once. Connection problems raise one line naming the URL."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if heartbeat is not None:
+        kwargs = {
+            "heartbeat_interval": heartbeat,
+            "grace_period": 4 * heartbeat,
+            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1),
+        }
+    try:
+        with warnings.catch_warnings():  # heartbeat_interval is "experimental" since Optuna 2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, **kwargs)
+    except Exception as exc:  # sqlalchemy errors, missing drivers
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise RuntimeError(f"Optuna storage {redact_storage(url)}: {first}") from None
 
 
 def redact_storage(storage: str) -> str:

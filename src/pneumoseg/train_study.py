@@ -165,6 +165,17 @@ def trial_params(
 
 
 # ------------------------------------------------------------------------------- the run
+def close_child_runs(tracker: Tracker, status: str) -> None:
+    """End the RUNNING MLflow runs nested under the tracker's run with ``status``."""
+    if not tracker.active:
+        return
+    with contextlib.suppress(Exception):
+        exp = tracker.client.get_run(tracker.run_id).info.experiment_id
+        query = f"tags.mlflow.parentRunId = '{tracker.run_id}' and attributes.status = 'RUNNING'"
+        for run in tracker.client.search_runs([exp], query):
+            tracker.client.set_terminated(run.info.run_id, status=status)
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (released by the OS when the process dies)."""
@@ -196,8 +207,6 @@ class StudyRunner:
         self.progress = progress
         self.storage_url = resolve_storage(storage or self.cfg.storage)
         self.storage = open_storage(self.storage_url, heartbeat=HEARTBEAT_SECONDS)
-        if not isinstance(self.storage, str) and hasattr(self.storage, "heartbeat_interval"):
-            self.storage.failed_trial_callback = optuna.storages.RetryFailedTrialCallback(1)
         self.experiment = f"{params.mlflow.experiment}-studies"
         self.mlflow_cfg = params.mlflow.model_copy(update={"experiment": self.experiment})
         self.work = Path(self.cfg.work_dir) / name
@@ -289,12 +298,7 @@ class StudyRunner:
         tracker = Tracker(self.mlflow_cfg)
         if tracker.start("", {}, run_id) is None:
             return
-        with contextlib.suppress(Exception):
-            exp = tracker.client.get_run(run_id).info.experiment_id
-            for run in tracker.client.search_runs(
-                [exp], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
-            ):
-                tracker.client.set_terminated(run.info.run_id, status="FAILED")
+        close_child_runs(tracker, "FAILED")
         tracker.end("FAILED")
 
     def _counts(self) -> dict[str, int]:
@@ -400,6 +404,8 @@ class StudyRunner:
             tracker.set_tags({"optuna_state": "PRUNED"})
             raise
         finally:
+            if status != "FINISHED":  # e.g. Ctrl-C inside a fold's training
+                close_child_runs(tracker, status)
             tracker.end(status)
             shutil.rmtree(trial_dir, ignore_errors=True)
 
@@ -570,7 +576,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         [
             str(t["number"]),
             t["state"],
-            "-" if t["value"] is None else f"{t['value']:.4f}",
+            _fmt(t["value"]),
             *(_fmt(t["params"].get(n)) for n in names),
         ]
         for t in trials

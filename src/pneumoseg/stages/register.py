@@ -256,11 +256,14 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     out = Path(params.registry.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    cf = record["kaggle_dice_cross_fitted"]
+
+    def fmt(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
     print(
         f"register: {name} version {mv.version} [{', '.join(record['aliases'])}] "
-        f"kaggle_dice {record['kaggle_dice']:.4f}, cross-fitted "
-        f"{'n/a' if cf is None else f'{cf:.4f}'}; champion: "
+        f"kaggle_dice {fmt(record['kaggle_dice'])}, cross-fitted "
+        f"{fmt(record['kaggle_dice_cross_fitted'])}; champion: "
         f"{record['champion'] or 'none'} ({'promoted: ' if promoted else ''}{why}) -> {out}"
     )
     return record

@@ -253,9 +253,13 @@ class StudyRunner:
         """Record this worker; its index among the live workers offsets the sampler seed (so
         parallel workers do not draw the same values; a lone worker always gets index 0)."""
         key = f"worker:{self.worker}"
-        self.study.set_user_attr(key, {"started": time.time(), "done": False})
-        live = self._live_workers()
+        with file_lock(self._lock_path()):  # workers on this host register one at a time
+            self.study.set_user_attr(key, {"started": time.time(), "done": False})
+            live = self._live_workers()
         return live.index(key) if key in live else 0
+
+    def _lock_path(self) -> Path:
+        return Path(self.cfg.work_dir) / f".{self.name}.lock"
 
     def _unregister_worker(self) -> None:
         key = f"worker:{self.worker}"
@@ -310,8 +314,7 @@ class StudyRunner:
     def _start_parent(self) -> None:
         """The study's parent MLflow run: created once per study (under a lock so two workers
         starting together agree), reopened by every worker."""
-        lock = Path(self.cfg.work_dir) / f".{self.name}.lock"
-        with file_lock(lock):
+        with file_lock(self._lock_path()):
             run_id = self.study.user_attrs.get("mlflow_parent_run_id")
             tags = {
                 "stage": "study",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoseg.metrics import SegMetrics, dice_per_image, image_stats
+from pneumoseg.metrics import SegMetrics, dice_per_image, image_stats, kaggle_dice_min_area
 
 SIZE = 4
 
@@ -133,3 +133,26 @@ def test_no_positives_and_no_images_are_nan_free() -> None:
     out = m.compute()
     assert out["n_images"] == 0 and m.per_image().shape == (0,)
     assert not any(math.isnan(v) for v in out.values())
+
+
+def test_kaggle_dice_with_min_area_against_hand_values() -> None:
+    """10x10 images: a 3-pixel speck on an empty image, a 20-pixel hit (16 overlap) on a
+    25-pixel lesion, and a missed 4-pixel lesion with 2 stray pixels elsewhere."""
+    probs = torch.zeros(3, 1, 10, 10)
+    target = torch.zeros(3, 1, 10, 10)
+    probs[0, 0, 0, :3] = 0.9  # speck on an empty image
+    target[1, 0, :5, :5] = 1
+    probs[1, 0, :4, :5] = 0.8  # 20 predicted, 20 of them inside the 25-pixel lesion
+    target[2, 0, 8:, 8:] = 1
+    probs[2, 0, 0, :2] = 0.7  # 2 stray pixels, lesion missed
+    m = SegMetrics(0.5)
+    m.update(probs, target)
+    out = m.compute()
+    hit = 2 * 20 / (20 + 25)
+    assert out["kaggle_dice"] == pytest.approx((0 + hit + 0) / 3)
+    score, f = kaggle_dice_min_area(*m.stats().unbind(1), fractions=(0.0, 0.03, 0.05))
+    # f=0.03 (3 px): speck kept (3 >= 3), stray emptied -> dice 0 (truth not empty): no gain.
+    # f=0.05 (5 px): speck emptied -> 1, stray emptied -> 0, hit kept: (1 + hit + 0) / 3.
+    assert (score, f) == (pytest.approx((1 + hit) / 3), 0.05)
+    assert out["kaggle_dice_area"] == pytest.approx((0 + hit + 0) / 3)  # the grid is finer
+    assert out["min_area_fraction"] == 0.0

@@ -479,6 +479,7 @@ class FoldTrainer:
                     "val_loss": va.pop("loss"),
                     **{f"val_{k}": v for k, v in va.items()},
                     "val_kaggle_dice": m["kaggle_dice"],
+                    "val_kaggle_dice_area": m["kaggle_dice_area"],
                     "val_dice_pos": m["dice_pos"],
                     "val_iou_pos": m["iou_pos"],
                     "val_empty_acc": m["empty_acc"],

@@ -398,3 +398,22 @@ def test_storage_errors_are_one_line_without_the_password() -> None:
     message = str(err.value)
     assert message.startswith("Optuna storage postgresql://user:***@127.0.0.1:1/optuna: ")
     assert "secret" not in message and "\n" not in message
+
+
+def test_trial_params_keep_the_first_parts_and_stay_out_of_the_pipeline(tmp_path: Path) -> None:
+    from pneumoseg.train_study import trial_params
+
+    params = load_params(ROOT / "params.yaml")
+    assert len(params.train.parts) >= 2  # the shipped demo uptrains at 256 px
+    cfg = params.studies["loss-and-sampling"]
+    trial = trial_params(params, cfg, {BCE: 2.5, SHAPE: "step"}, tmp_path / "t3", "exp")
+    assert len(trial.train.parts) == cfg.parts == 1
+    assert trial.train.parts[0].epochs == cfg.budget["train.parts[0].epochs"]
+    assert trial.train.parts[0].loss.bce == 2.5
+    assert trial.train.parts[0].sample_rate.shape == "step"
+    assert trial.train.folds == cfg.folds
+    assert trial.train.models_dir == str(tmp_path / "t3" / "models")
+    assert trial.mlflow.experiment == "exp"
+    assert params.train.parts[0].loss.bce != 2.5  # the pipeline's params are untouched
+    with pytest.raises(ParamsError, match=r"train\.parts\[0\]\.loss\.bce: must be >= 0"):
+        trial_params(params, cfg, {BCE: -1.0}, tmp_path / "t4", "exp")

@@ -354,6 +354,7 @@ class StudyParams(Strict):
     validation ``metric``."""
 
     space: dict[str, Distribution] = Field(min_length=1)  # params path -> distribution
+    parts: int | None = Field(None, ge=1)  # trials train only the first N parts (None: all)
     budget: dict[str, Any] = {}  # params path -> value applied to every trial (fewer epochs...)
     folds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
     metric: str = "val_kaggle_dice"  # a final validation metric of `train` (metrics/fold<k>.json)
@@ -422,6 +423,7 @@ def check_study(params: Params, name: str, study: StudyParams) -> None:
     if bad:
         raise ValueError(f"{where}.folds: {bad} must be < split.n_folds={params.split.n_folds}")
     base = params.model_dump(mode="json", exclude={"studies"})
+    base["train"]["parts"] = base["train"]["parts"][: study.parts]
     for path, value in study.budget.items():
         _check_value(base, f"{where}.budget.{path}", path, value)
     budgeted = json.loads(json.dumps(base))

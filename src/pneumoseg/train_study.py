@@ -88,7 +88,8 @@ def parse_duration(text: str | float | None) -> float | None:
 
 def space_digest(cfg: StudyParams) -> str:
     """What makes trials comparable: space, budget, folds, metric and direction."""
-    blob = cfg.model_dump(mode="json", include={"space", "budget", "folds", "metric", "direction"})
+    keys = {"space", "parts", "budget", "folds", "metric", "direction"}
+    blob = cfg.model_dump(mode="json", include=keys)
     import hashlib
 
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
@@ -146,9 +147,11 @@ def make_pruner(cfg: StudyParams) -> Any:
 def trial_params(
     params: Params, cfg: StudyParams, values: dict[str, Any], trial_dir: Path, experiment: str
 ) -> Params:
-    """The params of one trial: ``params`` + the study budget + the trial's values, training
-    only ``cfg.folds`` and writing into ``trial_dir`` (never the pipeline's outputs)."""
+    """The params of one trial: ``params`` (its first ``cfg.parts`` parts) + the study budget +
+    the trial's values, training only ``cfg.folds`` and writing into ``trial_dir`` (never the
+    pipeline's outputs)."""
     raw = params.model_dump(mode="json", exclude={"studies"})
+    raw["train"]["parts"] = raw["train"]["parts"][: cfg.parts]
     for path, value in [*cfg.budget.items(), *values.items()]:
         set_path(raw, path, value)
     raw["train"]["folds"] = list(cfg.folds)

@@ -121,3 +121,23 @@ def prepared_data(path: Path, overrides: dict[str, Any] | None = None) -> Path:
     finally:
         os.chdir(cwd)
     return path
+
+
+def cli(*args: str, cwd: Path, check: bool = True) -> tuple[int, str, str]:
+    """Run ``pneumoseg`` in-process in ``cwd`` (saves the interpreter start-up of a subprocess);
+    returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from pneumoseg.cli import main
+
+    out, err, old = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(old)
+    if check and code != 0:
+        raise AssertionError(f"pneumoseg {' '.join(args)} exited {code}\n{err.getvalue()}")
+    return code, out.getvalue(), err.getvalue()

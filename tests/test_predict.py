@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,25 +13,15 @@ import cv2
 import numpy as np
 import pytest
 from conftest import IDENTIFYING
+from pipeline_helpers import cli as run_cli
 from pipeline_helpers import write_params
 
 DECODER = [32, 16, 8, 8, 4]
 
 
 def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
-    """Run ``pneumoseg`` in-process in ``cwd``; (exit code, stdout, stderr)."""
-    import os
-
-    from pneumoseg.cli import main
-
-    out, err, old = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(list(args))
-    finally:
-        os.chdir(old)
-    return code, out.getvalue(), err.getvalue()
+    """Run ``pneumoseg`` in-process in ``cwd``; (exit code, stdout, stderr), any exit code."""
+    return run_cli(*args, cwd=cwd, check=False)
 
 
 @pytest.fixture(scope="module")

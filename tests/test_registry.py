@@ -10,7 +10,6 @@ import base64
 import contextlib
 import copy
 import csv
-import io
 import json
 import os
 import re
@@ -28,7 +27,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from pipeline_helpers import BIN, TINY, env, make_project, run
+from pipeline_helpers import BIN, TINY, cli, env, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -52,23 +51,6 @@ IDENTIFYING_TAGS = (
     "StudyInstanceUID",
     "SeriesInstanceUID",
 )
-
-
-def cli(*args: str, cwd: Path, check: bool = True) -> tuple[int, str, str]:
-    """Run ``pneumoseg`` in-process in ``cwd`` (saves the interpreter start-up of a subprocess);
-    returns (exit code, stdout, stderr)."""
-    from pneumoseg.cli import main
-
-    out, err, old = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(list(args))
-    finally:
-        os.chdir(old)
-    if check and code != 0:
-        raise AssertionError(f"pneumoseg {' '.join(args)} exited {code}\n{err.getvalue()}")
-    return code, out.getvalue(), err.getvalue()
 
 
 def rows(path: Path) -> list[dict[str, str]]:

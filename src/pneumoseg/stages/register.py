@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -66,11 +65,6 @@ def pinned_requirements(names: tuple[str, ...] = SERVING_REQUIREMENTS) -> list[s
             continue
         pins.append(f"{name}=={version.split('+')[0]}")
     return pins
-
-
-def mlflow_key(key: str) -> str:
-    """A flattened params key as a valid MLflow param name (``parts[0]`` -> ``parts_0_``)."""
-    return re.sub(r"[^\w\-. :/]", "_", key)
 
 
 def _read_json(path: str | Path, hint: str) -> dict[str, Any]:
@@ -195,8 +189,7 @@ def log_and_register(params: Params, info: dict[str, Any], uri: str) -> tuple[An
         }
         exp_id = _experiment_id(client, params, uri)
         with mlflow.start_run(experiment_id=exp_id, run_name="register", tags=run_tags) as run:
-            flat = {mlflow_key(k): str(v)[:6000] for k, v in params.flat().items()}
-            items = [Param(k, v) for k, v in flat.items()]
+            items = [Param(k, str(v)[:6000]) for k, v in params.flat().items()]
             for i in range(0, len(items), 100):
                 client.log_batch(run.info.run_id, params=items[i : i + 100])
             mlflow.log_metrics(metrics)

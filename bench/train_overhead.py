@@ -63,7 +63,8 @@ from pneumoseg.losses import ComboLoss  # noqa: E402
 from pneumoseg.models import build_model  # noqa: E402
 from pneumoseg.params import Params, load_params  # noqa: E402
 from pneumoseg.sampling import SampleRateSampler  # noqa: E402
-from pneumoseg.stages.split import read_folds, stratified_folds, write_folds  # noqa: E402
+from pneumoseg.artifacts import read_folds, write_folds  # noqa: E402
+from pneumoseg.stages.split import stratified_folds  # noqa: E402
 from pneumoseg.stages.train import FoldTrainer, make_optimizer, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

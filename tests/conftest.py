@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pipeline_helpers import Pipeline, probed_pipeline
 
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -222,3 +223,10 @@ def make_dicom() -> Callable[..., Path]:
 def radiograph_fixture() -> Callable[..., np.ndarray]:
     """Factory: ``radiograph(size, seed)`` -> uint8 chest-like image (see :func:`radiograph`)."""
     return radiograph
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """The tiny demo project after one run of every stage (trained once for the whole test
+    run); tests that change files work on ``tiny_pipeline.copy(tmp_path / "p")``."""
+    return probed_pipeline(tmp_path_factory.mktemp("tiny") / "p")

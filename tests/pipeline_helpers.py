@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ BIN = Path(sys.executable).parent
 TINY: dict[str, Any] = {
     "demo": {"n_train": 24, "n_test": 6, "size": 128, "seed": 7},
     "data": {"size": 64, "workers": 1},
-    "split": {"n_folds": 2},
+    "split": {"n_folds": 3},
     "oof": {"size": 64},
     "thresholds": {"trials": 20},
     "evaluate": {"bootstrap": 100},
@@ -141,3 +143,49 @@ def cli(*args: str, cwd: Path, check: bool = True) -> tuple[int, str, str]:
     if check and code != 0:
         raise AssertionError(f"pneumoseg {' '.join(args)} exited {code}\n{err.getvalue()}")
     return code, out.getvalue(), err.getvalue()
+
+
+STAGES = (
+    *("demo", "convert", "split", "train", "oof"),
+    *("thresholds", "evaluate", "register", "submit"),
+)
+
+
+@dataclass
+class Pipeline:
+    """A tiny project after one run of every stage, with what each stage read (stage_probe)."""
+
+    path: Path
+    reports: dict[str, dict[str, Any]]  # "demo", ..., "train@0", ...
+
+    def copy(self, dest: Path) -> Path:
+        """A private copy for a test that changes files."""
+        shutil.copytree(self.path, dest, symlinks=True)
+        return dest
+
+
+def probe_stage(project: Path, stage: str, fold: int | None = None) -> dict[str, Any]:
+    """Run one stage through tests/stage_probe.py in a fresh process; its report."""
+    args = [sys.executable, str(ROOT / "tests" / "stage_probe.py"), stage]
+    if fold is not None:
+        args += ["--fold", str(fold)]
+    proc = run(args, cwd=project)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("STAGE_PROBE ")][-1]
+    return json.loads(line.split(" ", 1)[1])
+
+
+def probed_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline:
+    """:func:`make_project` (no git), then every stage once, each through the probe."""
+    params = write_params_of(make_project(path, overrides, git=False))
+    reports: dict[str, dict[str, Any]] = {}
+    for stage in STAGES:
+        if stage == "train":
+            for k in params["train"]["folds"]:
+                reports[f"train@{k}"] = probe_stage(path, "train", k)
+        else:
+            reports[stage] = probe_stage(path, stage)
+    return Pipeline(path, reports)
+
+
+def write_params_of(project: Path) -> dict[str, Any]:
+    return yaml.safe_load((project / "params.yaml").read_text())

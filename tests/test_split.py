@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from pneumoseg import cli
+from pneumoseg.artifacts import read_folds
 from pneumoseg.stages.split import (
     SplitError,
-    read_folds,
     read_train_labels,
     stratified_folds,
 )

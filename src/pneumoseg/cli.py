@@ -295,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pneumoseg").setLevel(logging.INFO)
     from pneumoseg.params import ParamsError, load_params
+    from pneumoseg.redact import RedactingFilter, redact_text
+
+    for handler in logging.getLogger().handlers:  # no URL password in any log line
+        handler.addFilter(RedactingFilter())
 
     command = COMMANDS[args.command]
     overrides = {f.key: getattr(args, f.key) for f in command.flags if "." in f.key}
@@ -304,13 +308,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         params = load_params(args.params, overrides)
     except ParamsError as exc:
-        print(str(exc), file=sys.stderr)
+        print(redact_text(str(exc)), file=sys.stderr)
         return 2
     try:
         command.runner(params, progress=not args.quiet, **extra)
     except (ValueError, RuntimeError, OSError) as exc:
         # Our own error types subclass these; their messages are one line for the user.
-        print(f"pneumoseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"pneumoseg {args.command}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 1
     return 0
 

@@ -21,12 +21,13 @@ def to_tensor(image: np.ndarray, in_channels: int) -> torch.Tensor:
     return x.unsqueeze(0).expand(in_channels, -1, -1).contiguous()
 
 
-def read_gray(path: Path, size: int, mask: bool = False) -> np.ndarray:
-    """Read a PNG as uint8 gray at ``size`` x ``size`` (area resize, nearest for masks)."""
+def read_gray(path: Path, size: int | None = None, mask: bool = False) -> np.ndarray:
+    """Read a PNG as uint8 gray, resized to ``size`` x ``size`` when given (area resize,
+    nearest for masks)."""
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise FileNotFoundError(f"{path}: missing or unreadable PNG")
-    if image.shape != (size, size):
+    if size is not None and image.shape != (size, size):
         interp = cv2.INTER_NEAREST if mask else cv2.INTER_AREA
         image = cv2.resize(image, (size, size), interpolation=interp)
     return image

@@ -1,10 +1,16 @@
 """Fold-ensemble inference with flip TTA: the one prediction path used by oof, submit, predict
-and serving. Inputs are display-ready uint8 radiographs (as written by ``convert``)."""
+and serving. Inputs are display-ready uint8 radiographs (as written by ``convert``).
+
+:func:`predict_masks` is what submit, ``pneumoseg predict`` and the served model call: the
+ensemble's probabilities at the model's size are resized (bilinear) to each image's native
+size and the tuned triplet is applied there, so masks have native-resolution edges.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +20,7 @@ import torch
 
 from pneumoseg.data import to_tensor
 from pneumoseg.models import ModelError, forward, load_model_file
+from pneumoseg.postprocess import PostProcess, apply_triplet
 
 
 def fold_model_files(models_dir: str | Path, fold: int, checkpoints: str = "final") -> list[Path]:
@@ -118,3 +125,46 @@ class Ensemble:
 def to_uint8_probs(probs: np.ndarray) -> np.ndarray:
     """round(prob * 255) as uint8: the storage scale of all probability maps."""
     return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Prediction:
+    """One post-processed image."""
+
+    image_id: str
+    mask: np.ndarray  # uint8 0/1 at native height x width
+    max_prob_u8: int  # highest ensemble probability, 0..255
+    cls_u8: int | None  # classifier probability 0..255 (models with a head)
+
+
+def to_native(probs: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A float probability map resized (bilinear) to ``height`` x ``width``, as uint8 levels."""
+    if probs.shape != (height, width):
+        probs = cv2.resize(probs, (width, height), interpolation=cv2.INTER_LINEAR)
+    return to_uint8_probs(probs)
+
+
+def predict_masks(
+    ensemble: Ensemble,
+    post: PostProcess,
+    items: Iterable[tuple[str, np.ndarray, tuple[int, int], dict[str, Any]]],
+) -> Iterator[Prediction]:
+    """``(ImageId, prepared uint8 image, (native h, w), meta)`` -> post-processed native masks.
+
+    The probabilities are resized to the native size and the image's triplet (its group's,
+    see :class:`PostProcess`) is applied there; areas are native pixels, so no rescaling."""
+    pending: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+    def images() -> Iterator[tuple[str, np.ndarray]]:
+        for image_id, image, native, meta in items:
+            pending[image_id] = (native, meta)
+            yield image_id, image
+
+    for keys, probs, cls in ensemble.predict_batches(images()):
+        cls_u8 = to_uint8_probs(cls) if cls is not None else None
+        for j, image_id in enumerate(keys):
+            (h, w), meta = pending.pop(image_id)
+            native = to_native(probs[j], h, w)
+            c = int(cls_u8[j]) if cls_u8 is not None else None
+            mask = apply_triplet(native, post.triplet(meta), w, c)
+            yield Prediction(image_id, mask, int(native.max()), c)

@@ -57,6 +57,7 @@ class DataParams(Strict):
     processed_dir: str = "data/processed"
     size: int = Field(256, ge=32, le=4096)
     clahe: ClaheParams = ClaheParams()
+    sample_submission: str | None = None  # None: <raw_dir>/sample_submission.csv if present
     workers: int = Field(2, ge=1)
     max_failed_fraction: Fraction = 0.05
 
@@ -173,15 +174,21 @@ class SWAParams(Strict):
     lr: float | None = Field(None, gt=0)  # None: keep the part's schedule
 
 
+class OptimizerParams(Strict):
+    """The optimizer of every part (its learning rate is the part's ``lr``)."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only (Nesterov)
+
+
 class TrainParams(Strict):
     """Training of one model per fold (`pneumoseg train --fold K`)."""
 
     folds: list[Annotated[int, Field(ge=0)]] = [0, 1]
     seed: int = 42
     model: ModelParams = ModelParams()
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer: OptimizerParams = OptimizerParams()
     batch_size: int = Field(8, ge=1)
     accumulate_steps: int = Field(1, ge=1)
     grad_clip: float | None = Field(None, gt=0)
@@ -218,7 +225,7 @@ class TrainParams(Strict):
 class OofParams(Strict):
     """Out-of-fold prediction (`pneumoseg oof`) and the map size all evaluation uses."""
 
-    size: int = Field(128, ge=16, le=4096)  # S of oof/probs.npy
+    size: int | None = Field(None, ge=16, le=4096)  # S of oof/probs.npy; None: the model's size
     tta_hflip: bool = True
     checkpoints: Literal["final", "top_k"] = "final"  # top_k: average a fold's top-k models
     batch_size: int = Field(16, ge=1)
@@ -274,6 +281,8 @@ class ThresholdsParams(Strict):
         None  # None: optuna/journal.log; or an RDB URL; env PNEUMOSEG_OPTUNA_STORAGE
     )
     out: str = "models/postprocess.json"
+    metrics: str = "metrics/thresholds.json"  # scores + MLflow run id (DVC metrics, git-tracked)
+    plots_dir: str = "plots/thresholds"
 
 
 class EvaluateParams(Strict):
@@ -289,7 +298,6 @@ class SubmitParams(Strict):
     """Kaggle submission for the test DICOMs (`pneumoseg submit`)."""
 
     dialect: Literal["relative", "absolute"] = "relative"
-    sample_submission: str | None = None  # None: <raw_dir>/sample_submission.csv if present
     out: str = "submission/submission.csv"
 
 
@@ -297,7 +305,7 @@ class RegistryParams(Strict):
     """The fold ensemble + TTA + post-processing as one MLflow model (`pneumoseg register`)."""
 
     auto_promote: bool = False  # champion moves when the challenger's cross-fitted score is higher
-    out: str = "models/registered.json"  # registered version + model URI (tracked in dvc.lock)
+    out: str = "metrics/registered.json"  # registered version, model URI, run id (DVC metrics)
 
 
 class MlflowParams(Strict):
@@ -377,7 +385,6 @@ class StudyParams(Strict):
 class Params(Strict):
     """The whole ``params.yaml``."""
 
-    seed: int = 42
     demo: DemoParams = DemoParams()
     data: DataParams = DataParams()
     split: SplitParams = SplitParams()
@@ -404,13 +411,123 @@ class Params(Strict):
         keys; the ``studies`` section is not a pipeline param and is left out)."""
         return flatten(self.model_dump(mode="json", exclude={"studies"}))
 
-    def digest(self, *sections: str) -> str:
-        """Short sha256 of the given sections (all when none), stable across key order."""
-        data = self.model_dump(mode="json")
-        if sections:
-            data = {k: data[k] for k in sections}
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+
+# What each DVC stage reads, besides the paths that dvc.yaml interpolates (``${data.size}`` in a
+# dep or out makes DVC track that key through the path). dvc.yaml lists exactly these keys
+# under each stage's ``params:``; tests/test_declarations.py runs every stage with a params
+# object that records each key it reads and checks both directions against dvc.yaml.
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "demo": ("demo.n_train", "demo.n_test", "demo.size", "demo.positive_fraction", "demo.seed"),
+    "convert": (
+        "data.rle_csv",
+        "data.rle_dialect",
+        "data.size",
+        "data.clahe",
+        "data.sample_submission",
+        "data.max_failed_fraction",
+    ),
+    "split": ("split.n_folds", "split.seed"),
+    "train": (
+        "train.seed",
+        "train.model",
+        "train.optimizer",
+        "train.batch_size",
+        "train.accumulate_steps",
+        "train.grad_clip",
+        "train.amp",
+        "train.channels_last",
+        "train.val_threshold",
+        "train.checkpoint",
+        "train.swa",
+        "train.augment",
+        "train.parts",
+    ),
+    "oof": ("oof.size", "oof.tta_hflip", "oof.checkpoints", "oof.batch_size", "train.folds"),
+    "thresholds": (
+        "thresholds.trials",
+        "thresholds.seed",
+        "thresholds.space",
+        "thresholds.exhaustive",
+        "thresholds.exhaustive_areas",
+        "thresholds.group_by",
+    ),
+    "evaluate": (
+        "evaluate.bootstrap",
+        "evaluate.gallery",
+        "thresholds.space",
+        "thresholds.exhaustive_areas",
+    ),
+    "register": (
+        "registry.auto_promote",
+        "train.folds",
+        "oof.tta_hflip",
+        "oof.checkpoints",
+        "oof.batch_size",
+        "data.size",
+        "data.clahe",
+        "submit.dialect",
+    ),
+    "submit": (
+        "submit.dialect",
+        "train.folds",
+        "oof.tta_hflip",
+        "oof.checkpoints",
+        "oof.batch_size",
+    ),
+}
+
+# Keys a stage may read without declaring them, because they cannot change its result. Each
+# one is a decision, with its reason (README "Parameters" shows this table).
+EXEMPT_KEYS: dict[str, str] = {
+    "data.workers": "how many processes convert in parallel; the outputs are identical",
+    "train.workers": "DataLoader processes; augmentation is seeded per item, so the weights are "
+    "identical",
+    "train.work_dir": "where the resume state of a running training lives (deleted at its end)",
+    "thresholds.storage": "where the Optuna study is stored, not what it finds",
+    "mlflow": "where runs and model versions are recorded, not what is computed",
+    "studies": "Optuna studies run beside the pipeline; `study apply` writes their results "
+    "into the keys above",
+}
+
+
+def read_keys(params: Any, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``{key: value}`` of dotted keys (``train.parts``), read attribute by attribute; sections
+    come back as plain JSON-ready dicts."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        node = params
+        for token in key.split("."):
+            node = getattr(node, token)
+        if hasattr(node, "model_dump"):
+            node = node.model_dump(mode="json")
+        elif isinstance(node, list):
+            node = [v.model_dump(mode="json") if hasattr(v, "model_dump") else v for v in node]
+        out[key] = node
+    return out
+
+
+def nest(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"data.size": 256}`` -> ``{"data": {"size": 256}}`` (the layout of params.yaml)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        set_path(out, key, value)
+    return out
+
+
+def stage_values(params: Any, stage: str) -> dict[str, Any]:
+    """The values of the keys stage ``stage`` declares (:data:`STAGE_PARAMS`)."""
+    return read_keys(params, STAGE_PARAMS[stage])
+
+
+def digest(values: dict[str, Any]) -> str:
+    """Short sha256 of JSON-ready ``values``, stable across key order."""
+    blob = json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def stage_digest(params: Any, stage: str) -> str:
+    """:func:`digest` of the keys the stage declares: what resume and upload compare."""
+    return digest(stage_values(params, stage))
 
 
 def check_study(params: Params, name: str, study: StudyParams) -> None:

@@ -40,11 +40,13 @@ same float formula) from per-image cumulative histograms.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from numbers import Real
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -138,16 +140,18 @@ def _components(binary: np.ndarray) -> tuple[tuple[slice, slice], np.ndarray, np
 
 
 def _check_map(prob_u8: np.ndarray) -> None:
-    if prob_u8.dtype != np.uint8 or prob_u8.ndim != 2 or prob_u8.shape[0] != prob_u8.shape[1]:
-        raise ValueError(f"expected a square uint8 (S, S) map, got {prob_u8.dtype} {prob_u8.shape}")
+    if prob_u8.dtype != np.uint8 or prob_u8.ndim != 2 or min(prob_u8.shape) < 1:
+        raise ValueError(f"expected a uint8 (H, W) map, got {prob_u8.dtype} {prob_u8.shape}")
 
 
 def apply_triplet(
     prob_u8: np.ndarray, t: Triplet, native: int, cls_u8: int | None = None
 ) -> np.ndarray:
-    """Post-process one ``(S, S)`` uint8 map into a uint8 0/1 mask (reference semantics)."""
+    """Post-process one uint8 map into a uint8 0/1 mask (reference semantics). Areas scale by
+    ``(map width / native width)**2``: an ``(S, S)`` OOF map of a ``native``-wide image, or a
+    map at the native size itself (``native`` = its width, no scaling)."""
     _check_map(prob_u8)
-    size = prob_u8.shape[0]
+    size = prob_u8.shape[1]
     empty = np.zeros(prob_u8.shape, dtype=np.uint8)
     if t.cls_gate is not None:
         if cls_u8 is None:
@@ -274,6 +278,7 @@ class TripletScorer:
         self._above_gt = np.ascontiguousarray((self.gt[:, None] - hist_gt.cumsum(axis=1)).T)
         self._above_gt = self._above_gt.astype(np.float64)
         self._gt_f = self.gt.astype(np.float64)
+        self.has_cls = self._cls is not None
         self._area_cache: dict[float, int | np.ndarray] = {}
         self._cc_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -493,7 +498,46 @@ def score_grouped(scorer: TripletScorer, groups: np.ndarray, triplets: dict[str,
     return float(dice.mean())
 
 
+def oof_scorer(
+    oof_dir: str | Path, processed_dir: str | Path
+) -> tuple[TripletScorer, list[tuple[str, int]], dict[str, dict[str, str]]]:
+    """A scorer over the OOF maps of ``oof_dir`` (native widths from the manifest), the
+    (ImageId, fold) of every row and the manifest."""
+    from pneumoseg.artifacts import load_oof, read_manifest
+
+    oof = load_oof(oof_dir)
+    manifest = read_manifest(processed_dir)
+    native = np.array([int(manifest[i]["width"]) for i, _ in oof.ids])
+    return TripletScorer(oof.probs, oof.masks, native, oof.cls), oof.ids, manifest
+
+
+def group_labels(
+    key: str | None, ids: Sequence[tuple[str, int]], manifest: Mapping[str, Mapping[str, str]]
+) -> np.ndarray | None:
+    """Per-image group labels (the manifest field ``key``; "unknown" when empty), or None."""
+    if key is None:
+        return None
+    return np.array([manifest[i].get(key) or "unknown" for i, _ in ids])
+
+
 # --- Optuna ----------------------------------------------------------------------------------
+
+
+def search_space(space: Any, has_cls: bool) -> dict[str, Any]:
+    """The :func:`suggest_triplet` space of a ``thresholds.space`` section (areas as integer
+    ranges; the classifier gate only for models with a head)."""
+    out: dict[str, Any] = {
+        "top_threshold": tuple(space.top_threshold),
+        "bottom_threshold": tuple(space.bottom_threshold),
+        "min_area": (int(space.min_area[0]), int(space.min_area[1])),
+    }
+    if space.min_component_area is not None:
+        lo, hi = space.min_component_area
+        out["min_component_area"] = (int(lo), int(hi))
+    if space.cls_gate is not None and has_cls:
+        out["cls_gate"] = tuple(space.cls_gate)
+    return out
+
 
 _SPACE_KEYS = {"top_threshold", "bottom_threshold", "min_area", "min_component_area", "cls_gate"}
 _REQUIRED = ("top_threshold", "bottom_threshold", "min_area")
@@ -594,3 +638,46 @@ def triplet_from_params(params: Mapping[str, Any], space: dict, prefix: str = ""
     return _build(
         space, prefix, lambda name, lo, hi: params[name], lambda name, lo, hi, step: params[name]
     )
+
+
+# --- postprocess.json ------------------------------------------------------------------------
+
+
+@dataclass
+class PostProcess:
+    """The tuned triplet(s) of ``postprocess.json``: one for every image, or one per group of
+    a manifest field (``group_by``) with ``default`` for groups never seen in tuning."""
+
+    default: Triplet
+    group_by: str | None = None
+    groups: dict[str, Triplet] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PostProcess:
+        """Read ``postprocess.json``; a one-line error names the file and the way out."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            default = Triplet(**{f: data[f] for f in Triplet.__dataclass_fields__})
+            groups = {g: Triplet(**t) for g, t in (data.get("groups") or {}).items()}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: not found (run `pneumoseg thresholds`)") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{path}: not a valid postprocess.json ({type(exc).__name__}: {exc}); restore "
+                "it with `dvc checkout` or rerun `dvc repro -f -s thresholds`"
+            ) from None
+        return cls(default, data.get("group_by"), groups)
+
+    def triplet(self, meta: Mapping[str, Any]) -> Triplet:
+        """The triplet of an image with manifest/DICOM fields ``meta``."""
+        if self.group_by is None:
+            return self.default
+        return self.groups.get(str(meta.get(self.group_by) or "unknown"), self.default)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = asdict(self.default)
+        if self.group_by is not None:
+            out["group_by"] = self.group_by
+            out["groups"] = {g: asdict(t) for g, t in self.groups.items()}
+        return out

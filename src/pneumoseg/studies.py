@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import socket
 import warnings
 from pathlib import Path
 from typing import Any
 
+from pneumoseg.paths import in_repo, sqlite_in_repo
+from pneumoseg.redact import redact_text
 from pneumoseg.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,13 @@ LOCK_GRACE_SECONDS = 10
 
 
 def resolve_storage(storage: str | None) -> str:
-    """``storage`` or ``$PNEUMOSEG_OPTUNA_STORAGE`` or the default journal file."""
-    return storage or os.environ.get(STORAGE_ENV) or DEFAULT_JOURNAL
+    """``storage`` or ``$PNEUMOSEG_OPTUNA_STORAGE`` or the default journal file; a relative
+    journal file or sqlite path resolves against the repo root (:mod:`pneumoseg.paths`), so
+    studies of queued DVC experiments land in the user's storage."""
+    target = storage or os.environ.get(STORAGE_ENV) or DEFAULT_JOURNAL
+    if "://" in target:
+        return sqlite_in_repo(target)
+    return str(in_repo(target))
 
 
 def open_storage(storage: str | None, heartbeat: int | None = None) -> Any:
@@ -35,7 +41,7 @@ def open_storage(storage: str | None, heartbeat: int | None = None) -> Any:
     target = resolve_storage(storage)
     if "://" in target:
         return open_rdb_storage(target, heartbeat)
-    path = Path(target).resolve()
+    path = Path(target).resolve()  # resolve_storage made it absolute already
     path.parent.mkdir(parents=True, exist_ok=True)
     # An absolute path and an O_EXCL lock file: Optuna's default symlink lock, given a relative
     # path, leaves a dangling link when a worker is killed and the next one spins forever.
@@ -80,12 +86,7 @@ def open_rdb_storage(url: str, heartbeat: int | None = None) -> Any:
             return RDBStorage(url, **kwargs)
     except Exception as exc:  # sqlalchemy errors, missing drivers
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise RuntimeError(f"Optuna storage {redact_storage(url)}: {first}") from None
-
-
-def redact_storage(storage: str) -> str:
-    """A storage URL without its password (for logs and MLflow tags)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", storage)
+        raise RuntimeError(f"Optuna storage {redact_text(url)}: {redact_text(first)}") from None
 
 
 def worker_id() -> str:

@@ -1,32 +1,110 @@
-"""MLflow tracking that never kills training: every call is guarded, failures warn once and the
-local history (``plots/``, ``metrics/``) stays the record. Also lineage helpers (git, data hash).
+"""MLflow tracking that never kills the work, plus lineage (git, data hash, DVC experiment).
+
+- The one place that resolves the tracking store (:func:`tracking_uri`), creates experiments
+  (:func:`ensure_experiment`) and tags runs (:func:`lineage_tags`).
+- :class:`Tracker`: one run, resumable by id. Every call is guarded: a failing backend warns
+  once and the local files (``plots/``, ``metrics/``, ``models/``) stay the record.
+  :meth:`Tracker.log_rows` logs per-epoch rows exactly once per step, also across a kill and
+  resume (it asks the run which steps it already holds).
+- A local sqlite store is shared by concurrent processes (``dvc queue start -j 2``, study
+  workers) through :func:`store_lock`, so none of them fails with "database is locked".
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pneumoseg.params import MlflowParams, Params
+from pneumoseg.params import MlflowParams
+from pneumoseg.paths import has_scheme, in_repo, sqlite_in_repo
+from pneumoseg.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
+MAX_VALUE = 6000  # MLflow's limit for a param value
+DVC_EXPERIMENT_TAGS = {
+    "DVC_EXP_NAME": "dvc_exp_name",
+    "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev",
+}
 
 
 def tracking_uri(cfg: MlflowParams) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``mlflow.tracking_uri`` (sqlite dirs created)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return uri
+    """``MLFLOW_TRACKING_URI`` if set (as given), else ``mlflow.tracking_uri`` with a relative
+    sqlite path resolved against the repo root (see :mod:`pneumoseg.paths`)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or sqlite_in_repo(cfg.tracking_uri)
+
+
+def artifact_location(cfg: MlflowParams, uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``mlflow.artifact_location`` under the repo
+    root for a store without a server (sqlite, a database URL), None (the server decides) for a
+    tracking server."""
+    if uri.startswith(("http://", "https://", "databricks")) or not cfg.artifact_location:
+        return None
+    location = cfg.artifact_location
+    return location if has_scheme(location) else in_repo(location).resolve().as_uri()
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+_held_locks: dict[str, int] = {}  # lock file -> depth held by this process (re-entrant)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Exclusive access to a local sqlite store for the block (an advisory lock file beside
+    the database, released by the OS if the process dies; re-entrant within a process); other
+    stores need none."""
+    db = _sqlite_file(uri)
+    if db is None:
+        yield
+        return
+    lock = f"{db}.lock"
+    if _held_locks.get(lock):
+        _held_locks[lock] += 1
+        try:
+            yield
+        finally:
+            _held_locks[lock] -= 1
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        _held_locks[lock] = 1
+        try:
+            yield
+        finally:
+            _held_locks[lock] = 0
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_experiment(client: Any, cfg: MlflowParams, uri: str, name: str | None = None) -> str:
+    """The id of experiment ``name`` (default ``mlflow.experiment``), created if missing with
+    :func:`artifact_location`; safe when another process creates it at the same time."""
+    from mlflow.exceptions import MlflowException
+
+    name = name or cfg.experiment
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        return str(client.create_experiment(name, artifact_location=artifact_location(cfg, uri)))
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
 
 
 def git_info(cwd: str | Path = ".") -> dict[str, str]:
@@ -45,10 +123,21 @@ def git_info(cwd: str | Path = ".") -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
 
 
-def data_hash(params: Params) -> str:
-    """Hash of the processed data: the md5 DVC recorded in ``dvc.lock`` for the convert output,
-    else a sha256 of ``manifest.csv``; combined with the folds file."""
-    processed = params.data.processed_dir.rstrip("/")
+def lineage_tags() -> dict[str, str]:
+    """Tags every run gets: git commit and dirty flag, and inside a DVC experiment its name
+    and baseline revision (``dvc_exp_name``, ``dvc_exp_baseline_rev``), so the MLflow UI can
+    filter one experiment's runs."""
+    tags = git_info()
+    for env, tag in DVC_EXPERIMENT_TAGS.items():
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def data_hash(processed_dir: str, folds_csv: str | None = None) -> str:
+    """Hash of the processed data: the md5 DVC recorded in ``dvc.lock`` for the convert output
+    (lineage only), else a sha256 of ``manifest.csv``; combined with the folds file."""
+    processed = processed_dir.rstrip("/")
     parts: list[str] = []
     lock = Path("dvc.lock")
     if lock.is_file():
@@ -63,9 +152,8 @@ def data_hash(params: Params) -> str:
         manifest = Path(processed) / "manifest.csv"
         if manifest.is_file():
             parts.append("manifest:" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:12])
-    folds = Path(params.split.out)
-    if folds.is_file():
-        parts.append("folds:" + hashlib.sha256(folds.read_bytes()).hexdigest()[:12])
+    if folds_csv and Path(folds_csv).is_file():
+        parts.append("folds:" + hashlib.sha256(Path(folds_csv).read_bytes()).hexdigest()[:12])
     return ";".join(parts) or "unknown"
 
 
@@ -76,17 +164,27 @@ def pip_freeze() -> str:
 
 
 class Tracker:
-    """One MLflow run, resumable by id. A failing backend turns the tracker off with a warning."""
+    """One MLflow run, resumable by id. A failing backend turns the tracker off with a warning.
 
-    def __init__(self, cfg: MlflowParams, enabled: bool = True) -> None:
+    Every run it creates carries :func:`lineage_tags`; params, tags and text artifacts pass
+    through :func:`pneumoseg.redact.redact` (no URL password reaches MLflow).
+    """
+
+    def __init__(
+        self, cfg: MlflowParams, enabled: bool = True, experiment: str | None = None
+    ) -> None:
         self.cfg = cfg
+        self.experiment = experiment or cfg.experiment
         self.enabled = enabled
         self.client: Any = None
+        self.uri = ""
         self.run_id: str | None = None
         self.failed = False
+        self._logged_steps: set[int] | None = None  # steps of log_rows already in the run
 
     def _fail(self, what: str, exc: Exception) -> None:
         if not self.failed:
+            first = str(exc).splitlines()[0] if str(exc) else ""
             log.warning(
                 "MLflow %s failed (%s: %s); the work goes on without tracking and its record "
                 "stays in the local files (plots/, metrics/, models/). Once the server is back, "
@@ -94,13 +192,24 @@ class Tracker:
                 "rerun them, `dvc repro -f -s <stage>`).",
                 what,
                 type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
+                redact_text(first),
             )
         self.failed = True
 
     @property
     def active(self) -> bool:
         return self.enabled and not self.failed and self.run_id is not None
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one ``MlflowClient`` method under the store lock; a failure turns tracking off."""
+        if not self.active:
+            return None
+        try:
+            with store_lock(self.uri):
+                return getattr(self.client, method)(*args, **kwargs)
+        except Exception as exc:
+            self._fail(method, exc)
+            return None
 
     def start(self, run_name: str, tags: dict[str, str], run_id: str | None = None) -> str | None:
         """Create a run (or reopen ``run_id``); returns the run id or None if tracking failed."""
@@ -109,23 +218,19 @@ class Tracker:
         try:
             from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient(tracking_uri=tracking_uri(self.cfg))
-            if run_id is not None:
-                self.client.update_run(run_id, status="RUNNING")
-                self.run_id = run_id
-                return run_id
-            exp = self.client.get_experiment_by_name(self.cfg.experiment)
-            if exp is None:
-                location = None
-                if tracking_uri(self.cfg).startswith("sqlite:"):
-                    location = Path(self.cfg.artifact_location).resolve().as_uri()
-                exp_id = self.client.create_experiment(
-                    self.cfg.experiment, artifact_location=location
-                )
-            else:
-                exp_id = exp.experiment_id
-            run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+            self.uri = tracking_uri(self.cfg)
+            self.client = MlflowClient(tracking_uri=self.uri)
+            with store_lock(self.uri):
+                if run_id is not None:
+                    self.client.update_run(run_id, status="RUNNING")
+                    self.run_id = run_id
+                    self._logged_steps = None
+                    return run_id
+                exp_id = ensure_experiment(self.client, self.cfg, self.uri, self.experiment)
+                all_tags = {**lineage_tags(), **tags}
+                run = self.client.create_run(exp_id, run_name=run_name, tags=redact(all_tags))
             self.run_id = run.info.run_id
+            self._logged_steps = set()
         except Exception as exc:
             self._fail("start", exc)
             return None
@@ -137,12 +242,9 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        try:
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[i : i + 100])
-        except Exception as exc:
-            self._fail("log_params", exc)
+        items = [Param(k, redact(str(v))[:MAX_VALUE]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call("log_batch", self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """One batched call per step."""
@@ -152,41 +254,59 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        try:
-            self.client.log_batch(self.run_id, metrics=items)
-        except Exception as exc:
-            self._fail("log_metrics", exc)
+        self._call("log_batch", self.run_id, metrics=items)
+
+    def log_rows(
+        self,
+        rows: list[dict[str, Any]],
+        sentinel: str = "train_loss",
+        step_key: str = "epoch",
+        skip: tuple[str, ...] = ("epoch", "part"),
+    ) -> None:
+        """Log every row (one step each) that the run does not hold yet, exactly once.
+
+        A reopened run is asked once which steps of ``sentinel`` (a key of every row; the
+        default suits training histories) it holds, so rows logged before a kill are not
+        logged again and rows saved but never logged are logged now."""
+        if not self.active:
+            return
+        if self._logged_steps is None:
+            history = self._call("get_metric_history", self.run_id, sentinel)
+            if history is None:
+                return
+            self._logged_steps = {int(m.step) for m in history}
+        for row in rows:
+            step = int(row[step_key])
+            if step in self._logged_steps:
+                continue
+            self.log_metrics({k: v for k, v in row.items() if k not in skip}, step=step)
+            if not self.active:
+                return
+            self._logged_steps.add(step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.active:
             return
         from mlflow.entities import RunTag
 
-        try:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        except Exception as exc:
-            self._fail("set_tags", exc)
+        items = [RunTag(k, str(v)) for k, v in redact(tags).items()]
+        self._call("log_batch", self.run_id, tags=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if not self.active:
-            return
-        try:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as exc:
-            self._fail("log_artifact", exc)
+        self._call("log_artifact", self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        if not self.active:
-            return
-        try:
-            self.client.log_text(self.run_id, text, artifact_file)
-        except Exception as exc:
-            self._fail("log_text", exc)
+        self._call("log_text", self.run_id, redact(text), artifact_file)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        """A JSON or YAML artifact (by the file's suffix), redacted."""
+        if artifact_file.endswith((".yaml", ".yml")):
+            text = yaml.safe_dump(data, sort_keys=False)
+        else:
+            import json
+
+            text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        self.log_text(text, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
-        if not self.active:
-            return
-        try:
-            self.client.set_terminated(self.run_id, status=status)
-        except Exception as exc:
-            self._fail("end", exc)
+        self._call("set_terminated", self.run_id, status=status)

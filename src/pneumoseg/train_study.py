@@ -46,16 +46,16 @@ from pneumoseg.params import (
     get_path,
     set_path,
 )
+from pneumoseg.redact import redact_text
 from pneumoseg.studies import (
     MlflowTrialLogger,
     open_storage,
-    redact_storage,
     resolve_storage,
     save_study_plots,
     worker_alive,
     worker_id,
 )
-from pneumoseg.tracking import Tracker, git_info
+from pneumoseg.tracking import Tracker
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 30  # RDB storages: Optuna's trial heartbeat
@@ -238,7 +238,7 @@ class StudyRunner:
         elif stored != digest:
             raise ValueError(
                 f"study {self.name}: the stored study was run with another space, budget, folds "
-                f"or metric (in {redact_storage(self.storage_url)}); give the changed study a new "
+                f"or metric (in {redact_text(self.storage_url)}); give the changed study a new "
                 "name in params.yaml"
             )
 
@@ -322,8 +322,7 @@ class StudyRunner:
             tags = {
                 "stage": "study",
                 "optuna_study": self.name,
-                "optuna_storage": redact_storage(self.storage_url),
-                **git_info(),
+                "optuna_storage": redact_text(self.storage_url),
             }
             self.parent.start(f"study-{self.name}", tags, run_id)
             if self.parent.run_id and self.parent.run_id != run_id:
@@ -360,7 +359,6 @@ class StudyRunner:
             "stage": "study-trial",
             "optuna_study": self.name,
             "optuna_trial": str(trial.number),
-            **git_info(),
         }
         if self.parent.run_id:
             tags["mlflow.parentRunId"] = self.parent.run_id
@@ -520,7 +518,7 @@ def load_study(params: Params, name: str, storage: str | None = None) -> Any:
         return optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
         raise ValueError(
-            f"study {name}: not found in {redact_storage(url)}; run `pneumoseg study run {name}`"
+            f"study {name}: not found in {redact_text(url)}; run `pneumoseg study run {name}`"
         ) from None
 
 

@@ -17,8 +17,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from pneumoseg.params import Params
-from pneumoseg.tracking import Tracker, git_info, pip_freeze
+from pneumoseg.params import Params, flatten, stage_digest, stage_values
+from pneumoseg.tracking import Tracker, pip_freeze
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def upload_fold(params: Params, fold: int, progress: bool = True) -> str | None:
     if result.get("mlflow_run_id"):
         log.info("upload: fold %d is tracked already (run %s)", fold, result["mlflow_run_id"])
         return None
-    params_hash = params.digest("seed", "data", "split", "train")
+    params_hash = stage_digest(params, "train")
     if result.get("params_hash") != params_hash:
         raise ValueError(
             f"{metrics_path}: trained with params {result.get('params_hash')}, params.yaml now "
@@ -66,15 +66,12 @@ def upload_fold(params: Params, fold: int, progress: bool = True) -> str | None:
         "uploaded_after_tracking_failure": "true",
         "best_epoch": str(result.get("best_epoch")),
         "final_weights": str(result.get("final_weights")),
-        **git_info(),
     }
     run_id = tracker.start(f"train-fold{fold}", tags)
     if run_id is None:
         raise RuntimeError("MLflow is still unreachable (see the warning above); try again later")
-    tracker.log_params(params.flat())
-    for row in history:
-        epoch = int(row["epoch"])
-        tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "part")}, epoch)
+    tracker.log_params(flatten(stage_values(params, "train")))
+    tracker.log_rows(history)
     final = {k.replace("val_", "final_", 1): v for k, v in result.get("final", {}).items()}
     tracker.log_metrics(final, step=len(history))
     for name in ("learning_curves.png", "val_overlays.png", "history.csv"):
@@ -83,9 +80,7 @@ def upload_fold(params: Params, fold: int, progress: bool = True) -> str | None:
     for name in ("model.pt", "checkpoints.json"):
         if (model_dir / name).is_file():
             tracker.log_artifact(model_dir / name, "model")
-    import yaml
-
-    tracker.log_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), "params.yaml")
+    tracker.log_dict(stage_values(params, "train"), "params.yaml")
     tracker.log_text(pip_freeze() + "\n", "environment/requirements.txt")
     result["mlflow_run_id"] = run_id
     tracker.log_text(json.dumps(result, indent=2, sort_keys=True) + "\n", metrics_path.name)

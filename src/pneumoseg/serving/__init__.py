@@ -4,7 +4,7 @@ tuned post-processing + the decode settings it was trained with), the request fo
 served model and the per-image result row.
 
 Both paths decode with :func:`pneumoseg.dicom.read_dicom` + :func:`~pneumoseg.dicom.prepare_image`
-(as ``convert`` does) and predict with :func:`pneumoseg.stages.submit.predict_masks` (as
+(as ``convert`` does) and predict with :func:`pneumoseg.inference.predict_masks` (as
 ``submit`` does), so they give the same numbers for the same image and model.
 
 Only light modules are imported here; torch and mlflow are imported inside the functions.
@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     import pandas as pd
     from mlflow.models import ModelSignature
 
+    from pneumoseg.inference import Prediction
     from pneumoseg.params import ClaheParams, Params
-    from pneumoseg.stages.submit import PostProcess, Prediction
+    from pneumoseg.postprocess import PostProcess
 
 FORMAT = "pneumoseg-pyfunc/1"
 PARAMS_ARTIFACT = "params"  # resolved params.yaml of the registered ensemble
@@ -63,7 +64,7 @@ class Bundle:
         self, items: Iterable[tuple[str, np.ndarray, tuple[int, int], dict[str, Any]]]
     ) -> Iterator[Prediction]:
         """``(key, prepared image, (native h, w), meta)`` -> post-processed native-size masks."""
-        from pneumoseg.stages.submit import predict_masks
+        from pneumoseg.inference import predict_masks
 
         return predict_masks(self.ensemble, self.post, items)
 
@@ -73,7 +74,7 @@ def build_bundle(
 ) -> Bundle:
     """Load the fold models and post-processing with the settings of ``params``."""
     from pneumoseg.inference import Ensemble
-    from pneumoseg.stages.submit import PostProcess
+    from pneumoseg.postprocess import PostProcess
 
     ensemble = Ensemble(files, tta_hflip=params.oof.tta_hflip, batch_size=params.oof.batch_size)
     post = PostProcess.load(postprocess)
@@ -118,7 +119,7 @@ def result_row(pred: Prediction, dialect: str, image_id: str | None = None) -> d
         "EncodedPixels": rle_encode(pred.mask, dialect),
         "has_pneumothorax": int(area > 0),
         "area_px": area,
-        "max_prob": round(int(pred.prob_u8.max()) / 255.0, 6),
+        "max_prob": round(pred.max_prob_u8 / 255.0, 6),
     }
 
 

@@ -21,6 +21,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pneumoseg.artifacts import (
+    BASE_MANIFEST_FIELDS,
+    FAILURES,
+    MANIFEST,
+    TEST_ORDER,
+    write_csv,
+    write_test_order,
+)
 from pneumoseg.dicom import SAFE_FIELDS, DicomReadError, prepare_image, read_dicom, resize_mask
 from pneumoseg.params import ClaheParams, Params
 from pneumoseg.rle import RLEError, decode_rows, read_rle_csv
@@ -28,7 +36,8 @@ from pneumoseg.rle import RLEError, decode_rows, read_rle_csv
 log = logging.getLogger(__name__)
 
 RLE_CSV_NAMES = ("train-rle.csv", "stage_2_train.csv")
-MANIFEST_FIELDS = ("ImageId", "split", "has_mask", "mask_pixels", "height", "width", *SAFE_FIELDS)
+SAMPLE_SUBMISSION = "sample_submission.csv"
+MANIFEST_FIELDS = (*BASE_MANIFEST_FIELDS, *SAFE_FIELDS)
 FAILURE_FIELDS = ("path", "reason")
 
 
@@ -156,11 +165,10 @@ def _results(tasks: list[Task], settings: Settings, workers: int) -> Iterator[di
         yield from pool.imap_unordered(_convert_star, jobs, chunksize=4)
 
 
-def _write_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+def read_sample_ids(path: Path) -> list[str]:
+    """The ImageIds (first column) of a Kaggle sample submission, in order."""
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        return [r[0].strip() for r in list(csv.reader(fh))[1:] if r and r[0].strip()]
 
 
 def convert(
@@ -171,6 +179,7 @@ def convert(
     dialect: str = "auto",
     workers: int = 1,
     clahe: ClaheParams | None = None,
+    sample_submission: str | Path | None = None,
     progress: bool = True,
 ) -> ConvertSummary:
     """Convert a SIIM-layout DICOM tree; see the module docstring."""
@@ -181,6 +190,9 @@ def convert(
     if not csv_path.is_file():
         raise ConvertError(f"{csv_path}: RLE csv not found")
     table = read_rle_csv(csv_path, dialect)
+    sample = Path(sample_submission) if sample_submission else raw_dir / SAMPLE_SUBMISSION
+    if sample_submission and not sample.is_file():
+        raise ConvertError(f"data.sample_submission: {sample} not found")
     dicoms, failures = find_dicoms(raw_dir)
     failures = [{"path": p, "reason": r} for p, r in failures]
     for image_id, rows in table.rows.items():
@@ -209,9 +221,12 @@ def convert(
     bar.close()
     rows.sort(key=lambda r: r["ImageId"])
     failures.sort(key=lambda r: r["path"])
-    manifest, failures_csv = out_dir / "manifest.csv", out_dir / "failures.csv"
-    _write_csv(manifest, MANIFEST_FIELDS, rows)
-    _write_csv(failures_csv, FAILURE_FIELDS, failures)
+    manifest, failures_csv = out_dir / MANIFEST, out_dir / FAILURES
+    write_csv(manifest, MANIFEST_FIELDS, rows)
+    write_csv(failures_csv, FAILURE_FIELDS, failures)
+    (out_dir / TEST_ORDER).unlink(missing_ok=True)
+    if sample.is_file():  # the order `submit` writes its rows in
+        write_test_order(out_dir, read_sample_ids(sample))
     for failure in failures:
         log.warning("convert: skipped %s: %s", failure["path"], failure["reason"])
     return ConvertSummary(
@@ -236,6 +251,7 @@ def run(params: Params, progress: bool = True) -> ConvertSummary:
         dialect=data.rle_dialect,
         workers=data.workers,
         clahe=data.clahe,
+        sample_submission=data.sample_submission,
         progress=progress,
     )
     print(summary.line())

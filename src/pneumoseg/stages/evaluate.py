@@ -16,20 +16,17 @@ import numpy as np
 
 from pneumoseg.params import Params
 from pneumoseg.postprocess import (
+    PostProcess,
     Triplet,
     TripletScorer,
     apply_triplet,
     exhaustive_best,
     gate_levels,
-)
-from pneumoseg.stages.thresholds import (
-    groups_of,
-    has_cls,
-    load_oof,
-    load_postprocess,
+    group_labels,
+    oof_scorer,
     search_space,
 )
-from pneumoseg.tracking import Tracker, git_info
+from pneumoseg.tracking import Tracker
 
 
 def per_image_dice(
@@ -157,7 +154,7 @@ def _plots(
             image_id = ids[i][0]
             c = None if cls is None else int(cls[i])
             pred = apply_triplet(np.asarray(probs[i]), image_triplets[i], int(native[i]), c)
-            image = read_gray(root / "images" / f"{image_id}.png", params.oof.size)
+            image = read_gray(root / "images" / f"{image_id}.png", scorer.size)
             cases.append((image, np.asarray(masks[i]), pred, float(dice[i])))
         written.append(save_overlay_grid(cases, out / f"{name}.png"))
     return written
@@ -165,13 +162,16 @@ def _plots(
 
 def run(params: Params, progress: bool = True) -> dict[str, Any]:
     """CLI/DVC entry: write ``evaluate.out`` and plots, log them to MLflow."""
-    scorer, ids, manifest = load_oof(params)
-    default, group_by, triplets = load_postprocess(params.thresholds.out)
-    groups = groups_of(params, ids, manifest) if group_by else None
+    scorer, ids, manifest = oof_scorer(params.oof.out_dir, params.data.processed_dir)
+    post = PostProcess.load(params.thresholds.out)
+    default, group_by, triplets = post.default, post.group_by, post.groups
+    groups = group_labels(group_by, ids, manifest)
     dice = per_image_dice(scorer, default, groups, triplets)
     folds = np.array([f for _, f in ids])
     positive = scorer.gt > 0
-    gates = gate_levels(search_space(params.thresholds.space, has_cls(params)).get("cls_gate"))
+    gates = gate_levels(search_space(params.thresholds.space, scorer.has_cls).get("cls_gate"))
+    tracker = Tracker(params.mlflow)
+    tracker.start("evaluate", {"stage": "evaluate"})
     cf_dice, cf_tuned = cross_fitted(
         scorer, folds, params.thresholds.exhaustive_areas, gates, groups
     )
@@ -187,6 +187,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         "thresholds": dataclasses.asdict(default),
         "group_by": group_by,
         "per_fold": {},
+        "mlflow_run_id": tracker.run_id,
     }
     for k in np.unique(folds):
         idx = folds == k
@@ -208,8 +209,6 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     cls_path = Path(params.oof.out_dir) / "cls.npy"
     cls = np.load(cls_path) if cls_path.is_file() else None
     plots = _plots(params, scorer, default, dice, positive, ids, native, image_triplets, cls)
-    tracker = Tracker(params.mlflow)
-    tracker.start("evaluate", {"stage": "evaluate", **git_info()})
     flat = {
         k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     }

@@ -22,8 +22,15 @@ from typing import Any
 
 import yaml
 
-from pneumoseg.params import Params
-from pneumoseg.tracking import data_hash, git_info, tracking_uri
+from pneumoseg.params import Params, digest, flatten, nest, stage_values
+from pneumoseg.redact import redact
+from pneumoseg.tracking import (
+    MAX_VALUE,
+    ensure_experiment,
+    lineage_tags,
+    store_lock,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,6 @@ SERVING_REQUIREMENTS = (
     "pydantic",
     "tqdm",
 )
-MODEL_SECTIONS = ("seed", "data", "split", "train", "oof", "thresholds")  # what shapes the model
 
 
 class RegisterError(RuntimeError):
@@ -96,20 +102,30 @@ def ensemble_files(params: Params) -> list[tuple[str, Path]]:
 
 
 def lineage(params: Params) -> dict[str, Any]:
-    """Scores, training runs and hashes that go into the version tags."""
+    """Scores, training runs and hashes that go into the version tags. Training run ids, data
+    and params hashes come from the fold model files themselves (their ``meta``)."""
+    import torch
+
     evaluation = _read_json(params.evaluate.out, "run `pneumoseg evaluate` first")
     post = _read_json(params.thresholds.out, "run `pneumoseg thresholds` first")
-    runs = {}
-    for k in params.train.folds:
-        fold = _read_json(Path(params.train.metrics_dir) / f"fold{k}.json", f"train fold {k} first")
-        runs[k] = str(fold.get("mlflow_run_id") or "")
+    runs: dict[int, str] = {}
+    data_hashes: set[str] = set()
+    training_hashes: set[str] = set()
+    for name, path in ensemble_files(params):
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+        fold = int(meta.get("fold", name.removeprefix("fold").split("_")[0]))
+        runs.setdefault(fold, str(meta.get("mlflow_run_id") or ""))
+        data_hashes.add(str(meta.get("data_hash", "unknown")))
+        training_hashes.add(str(meta.get("params_hash", "unknown")))
+    own = stage_values(params, "register")
     return {
         "evaluate": evaluation,
         "postprocess": post,
         "training_runs": runs,
-        "git": git_info(),
-        "data_hash": data_hash(params),
-        "params_hash": params.digest(*MODEL_SECTIONS),
+        "git": lineage_tags(),
+        "data_hash": ";".join(sorted(data_hashes)),
+        "params_hash": digest({"register": own, "training": sorted(training_hashes)}),
+        "params": own,
     }
 
 
@@ -140,17 +156,6 @@ def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str,
     return tags
 
 
-def _experiment_id(client: Any, params: Params, uri: str) -> str:
-    """The experiment of ``mlflow.experiment`` (created as the training tracker does)."""
-    exp = client.get_experiment_by_name(params.mlflow.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):
-        location = Path(params.mlflow.artifact_location).resolve().as_uri()
-    return client.create_experiment(params.mlflow.experiment, artifact_location=location)
-
-
 def log_and_register(params: Params, info: dict[str, Any], uri: str) -> tuple[Any, Any]:
     """Log the pyfunc in a ``register`` run and register it; returns (ModelInfo, ModelVersion)."""
     import mlflow
@@ -175,9 +180,12 @@ def log_and_register(params: Params, info: dict[str, Any], uri: str) -> tuple[An
         tempfile.TemporaryDirectory(prefix="pneumoseg-register-") as tmp,
         registry.using_tracking_uri(uri),
         registry.mlflow_errors("register"),
+        store_lock(uri),
     ):
+        # the settings the served model needs (decode size, CLAHE, TTA, RLE dialect), nested
+        # like params.yaml
         params_file = Path(tmp) / "params.yaml"
-        params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+        params_file.write_text(yaml.safe_dump(redact(nest(info["params"])), sort_keys=False))
         artifacts = {n: str(p.resolve()) for n, p in members}
         artifacts[serving.PARAMS_ARTIFACT] = str(params_file)
         artifacts[serving.POSTPROCESS_ARTIFACT] = str(Path(params.thresholds.out).resolve())
@@ -187,9 +195,10 @@ def log_and_register(params: Params, info: dict[str, Any], uri: str) -> tuple[An
             "data_hash": info["data_hash"],
             "params_hash": info["params_hash"],
         }
-        exp_id = _experiment_id(client, params, uri)
+        exp_id = ensure_experiment(client, params.mlflow, uri)
         with mlflow.start_run(experiment_id=exp_id, run_name="register", tags=run_tags) as run:
-            items = [Param(k, str(v)[:6000]) for k, v in params.flat().items()]
+            flat = redact(flatten(info["params"]))
+            items = [Param(k, str(v)[:MAX_VALUE]) for k, v in flat.items()]
             for i in range(0, len(items), 100):
                 client.log_batch(run.info.run_id, params=items[i : i + 100])
             mlflow.log_metrics(metrics)

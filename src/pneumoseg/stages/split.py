@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoseg.artifacts import MANIFEST, write_folds
 from pneumoseg.params import Params
 
 
@@ -44,26 +45,9 @@ def stratified_folds(labels: dict[str, int], n_folds: int, seed: int) -> dict[st
     return folds
 
 
-def write_folds(path: str | Path, folds: dict[str, int], labels: dict[str, int]) -> None:
-    """Write ``ImageId,fold,has_mask`` sorted by ImageId."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["ImageId", "fold", "has_mask"])
-        for image_id in sorted(folds):
-            writer.writerow([image_id, folds[image_id], labels[image_id]])
-
-
-def read_folds(path: str | Path) -> dict[str, tuple[int, int]]:
-    """ImageId -> (fold, has_mask) from ``folds.csv``."""
-    with Path(path).open(newline="") as fh:
-        return {r["ImageId"]: (int(r["fold"]), int(r["has_mask"])) for r in csv.DictReader(fh)}
-
-
 def run(params: Params, progress: bool = True) -> dict[str, int]:
     """CLI/DVC entry: split ``<processed_dir>/manifest.csv`` into ``split.out``."""
-    manifest = Path(params.data.processed_dir) / "manifest.csv"
+    manifest = Path(params.data.processed_dir) / MANIFEST
     if not manifest.is_file():
         raise SplitError(f"{manifest}: not found (run `pneumoseg convert` first)")
     labels = read_train_labels(manifest)

@@ -8,7 +8,6 @@ so a killed run continues the same study while a new model gets a new one.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -19,17 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from pneumoseg.params import Params, ThresholdSpace
+from pneumoseg.params import Params
 from pneumoseg.postprocess import (
     Triplet,
-    TripletScorer,
     exhaustive_best,
     gate_levels,
+    group_labels,
+    oof_scorer,
     score_grouped,
+    search_space,
     suggest_triplet,
     triplet_from_params,
 )
-from pneumoseg.stages.oof import read_oof_ids
+from pneumoseg.redact import redact
 from pneumoseg.studies import (
     MlflowTrialLogger,
     fail_stale_trials,
@@ -37,54 +38,9 @@ from pneumoseg.studies import (
     resolve_storage,
     save_study_plots,
 )
-from pneumoseg.tracking import Tracker, git_info
+from pneumoseg.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def read_manifest(path: str | Path) -> dict[str, dict[str, str]]:
-    """ImageId -> manifest row."""
-    with Path(path).open(newline="") as fh:
-        return {r["ImageId"]: r for r in csv.DictReader(fh)}
-
-
-def load_oof(params: Params) -> tuple[TripletScorer, list[tuple[str, int]], dict[str, dict]]:
-    """The OOF maps as a scorer (native widths per image from the manifest), ids and manifest."""
-    out = Path(params.oof.out_dir)
-    ids = read_oof_ids(out / "ids.csv")
-    manifest = read_manifest(Path(params.data.processed_dir) / "manifest.csv")
-    native = np.array([int(manifest[i]["width"]) for i, _ in ids])
-    cls = np.load(out / "cls.npy") if (out / "cls.npy").is_file() else None
-    probs = np.load(out / "probs.npy", mmap_mode="r")
-    masks = np.load(out / "masks.npy", mmap_mode="r")
-    return TripletScorer(probs, masks, native, cls), ids, manifest
-
-
-def has_cls(params: Params) -> bool:
-    return (Path(params.oof.out_dir) / "cls.npy").is_file()
-
-
-def search_space(space: ThresholdSpace, has_cls: bool) -> dict[str, Any]:
-    """The ``suggest_triplet`` space (areas as integer ranges; gate only with a head)."""
-    out: dict[str, Any] = {
-        "top_threshold": tuple(space.top_threshold),
-        "bottom_threshold": tuple(space.bottom_threshold),
-        "min_area": (int(space.min_area[0]), int(space.min_area[1])),
-    }
-    if space.min_component_area is not None:
-        lo, hi = space.min_component_area
-        out["min_component_area"] = (int(lo), int(hi))
-    if space.cls_gate is not None and has_cls:
-        out["cls_gate"] = tuple(space.cls_gate)
-    return out
-
-
-def groups_of(params: Params, ids: list[tuple[str, int]], manifest: dict) -> np.ndarray | None:
-    """Per-image group labels for conditional thresholds (``thresholds.group_by``)."""
-    key = params.thresholds.group_by
-    if key is None:
-        return None
-    return np.array([manifest[i].get(key) or "unknown" for i, _ in ids])
 
 
 def study_name(params: Params, space: dict[str, Any], groups: np.ndarray | None) -> str:
@@ -112,9 +68,9 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     import optuna
 
     cfg = params.thresholds
-    scorer, ids, manifest = load_oof(params)
-    space = search_space(cfg.space, has_cls(params))
-    groups = groups_of(params, ids, manifest)
+    scorer, ids, manifest = oof_scorer(params.oof.out_dir, params.data.processed_dir)
+    space = search_space(cfg.space, scorer.has_cls)
+    groups = group_labels(cfg.group_by, ids, manifest)
     group_names = sorted(set(groups.tolist())) if groups is not None else None
     name = study_name(params, space, groups)
     storage_url = resolve_storage(cfg.storage)
@@ -130,7 +86,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     done = sum(t.state.is_finished() for t in study.trials)
     tracker = Tracker(params.mlflow)
     run_id = study.user_attrs.get("mlflow_run_id")
-    tags = {"stage": "thresholds", "optuna_study": name, **git_info()}
+    tags = {"stage": "thresholds", "optuna_study": name}
     tracker.start("thresholds", tags, run_id)
     if tracker.run_id and not run_id:
         study.set_user_attr("mlflow_run_id", tracker.run_id)
@@ -142,7 +98,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
                 "seed": cfg.seed,
             }
             | {f"space.{k}": v for k, v in space.items()}
-            | {"oof.size": params.oof.size, "n_images": len(ids)}
+            | {"oof.size": scorer.size, "n_images": len(ids)}
         )
 
     def objective(trial: optuna.Trial) -> float:
@@ -169,10 +125,10 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {
         "score": float(study.best_value),
         "n_trials": len(study.trials),
-        "size": params.oof.size,
+        "size": scorer.size,
         "empty_baseline": scorer.empty_baseline(),
         "study_name": name,
-        "storage": storage_url,
+        "storage": redact(storage_url),
         "mlflow_run_id": tracker.run_id,
     }
     if groups is None:
@@ -226,8 +182,8 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    plot_dir = Path(params.evaluate.plots_dir).parent / "thresholds"
-    for path in save_study_plots(study, plot_dir):
+    write_metrics(Path(cfg.metrics), result)
+    for path in save_study_plots(study, Path(cfg.plots_dir)):
         tracker.log_artifact(path, "study_plots")
     tracker.log_metrics(
         {"best_score": result["score"], "empty_baseline": result["empty_baseline"]}
@@ -246,9 +202,20 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     return result
 
 
-def load_postprocess(path: str | Path) -> tuple[Triplet, str | None, dict[str, Triplet]]:
-    """(default triplet, group_by key or None, per-group triplets) from ``postprocess.json``."""
-    data = json.loads(Path(path).read_text())
-    fields = {f: data[f] for f in Triplet.__dataclass_fields__}
-    groups = {g: Triplet(**t) for g, t in data.get("groups", {}).items()}
-    return Triplet(**fields), data.get("group_by"), groups
+def write_metrics(path: Path, result: dict[str, Any]) -> None:
+    """The DVC metrics file of the stage: its scores and MLflow run id (``dvc exp show``)."""
+    keys = (
+        "score",
+        "optuna_best_score",
+        "empty_baseline",
+        "n_trials",
+        "selected",
+        "size",
+        "study_name",
+        "mlflow_run_id",
+    )
+    metrics = {k: result.get(k) for k in keys}
+    if "exhaustive" in result:
+        metrics["exhaustive_score"] = result["exhaustive"]["score"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

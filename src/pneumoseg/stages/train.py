@@ -28,16 +28,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pneumoseg.artifacts import read_folds
 from pneumoseg.augment import build_train_transform
 from pneumoseg.data import SegDataset
 from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
 from pneumoseg.models import average_state_dicts, build_model, forward, save_model_file
-from pneumoseg.params import Params, PartParams, TrainParams
+from pneumoseg.params import (
+    Params,
+    PartParams,
+    TrainParams,
+    flatten,
+    stage_digest,
+    stage_values,
+)
 from pneumoseg.plots import plot_history, save_overlay_grid
 from pneumoseg.sampling import SampleRateSampler, sample_rate_at
-from pneumoseg.stages.split import read_folds
-from pneumoseg.tracking import Tracker, data_hash, git_info, pip_freeze
+from pneumoseg.tracking import Tracker, data_hash, pip_freeze
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -90,12 +97,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def make_optimizer(cfg: TrainParams, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    opt = cfg.optimizer
+    if opt.name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=opt.weight_decay)
+    if opt.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=opt.weight_decay)
     return torch.optim.SGD(
-        params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=True
     )
 
 
@@ -211,8 +219,8 @@ class FoldTrainer:
         self.work = Path(self.cfg.work_dir) / f"fold{fold}"
         self.out = Path(self.cfg.models_dir) / f"fold{fold}"
         self.plots = Path(self.cfg.plots_dir) / f"fold{fold}"
-        self.data_hash = data_hash(params)
-        self.params_hash = params.digest("seed", "data", "split", "train")
+        self.data_hash = data_hash(params.data.processed_dir, params.split.out)
+        self.params_hash = stage_digest(params, "train")
         self.run_key = f"{self.params_hash}|{self.data_hash}|fold{fold}"
         self.tracker = Tracker(params.mlflow, enabled=self.dist.main)
         self.mode = self.cfg.checkpoint.mode
@@ -325,7 +333,9 @@ class FoldTrainer:
     def _update_topk(
         self, state: RunState, part: int, epoch: int, score: float, model: nn.Module, size: int
     ) -> None:
-        """Keep the top-k checkpoints of the current part (unique part/epoch file names)."""
+        """Keep the top-k checkpoints of the current part (unique part/epoch file names). An
+        evicted file is deleted only after the state that forgets it is saved
+        (:meth:`_remove_unlisted_checkpoints`), so a kill never leaves a listed file missing."""
         k = self.cfg.checkpoint.top_k
         ranked = self._best_of_part(state, part)
         if math.isnan(score) or (len(ranked) >= k and not self._better(score, ranked[-1]["score"])):
@@ -336,15 +346,25 @@ class FoldTrainer:
             save_model_file(path, _unwrap(model).state_dict(), meta)
         state.topk.append({"part": part, "epoch": epoch, "score": score, "path": path.name})
         for evicted in self._best_of_part(state, part)[k:]:
-            if self.dist.main:
-                (self.work / evicted["path"]).unlink(missing_ok=True)
             state.topk.remove(evicted)
+
+    def _remove_unlisted_checkpoints(self, state: RunState) -> None:
+        """Delete checkpoint files the saved state does not list (evicted ones, or one written
+        for an epoch whose state was never saved because of a kill)."""
+        if not self.dist.main:
+            return
+        listed = {c["path"] for c in state.topk}
+        for path in self.work.glob("part*-epoch*.pt"):
+            if path.name not in listed:
+                path.unlink(missing_ok=True)
 
     def _best_of_part(self, state: RunState, part: int) -> list[dict[str, Any]]:
         mine = [c for c in state.topk if c["part"] == part]
         return sorted(mine, key=lambda c: (c["score"], -c["epoch"]), reverse=self.mode == "max")
 
     def _save_state(self, state: RunState, torch_state: dict[str, Any]) -> None:
+        """Write ``last.pt`` atomically (temporary name, fsync, rename), then drop the
+        checkpoint files it no longer lists."""
         if not self.dist.main:
             return
         blob = {
@@ -354,8 +374,12 @@ class FoldTrainer:
             "rng": _rng_state(),
         }
         tmp = self.work / "last.pt.tmp"
-        torch.save(blob, tmp)
+        with tmp.open("wb") as fh:
+            torch.save(blob, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         tmp.replace(self.work / "last.pt")
+        self._remove_unlisted_checkpoints(state)
 
     def _load_state(self) -> tuple[RunState, dict[str, Any]] | None:
         path = self.work / "last.pt"
@@ -387,14 +411,17 @@ class FoldTrainer:
             "fold": str(self.fold),
             "params_hash": self.params_hash,
             "data_hash": self.data_hash,
-            **git_info(),
         }
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run_id = self.tracker.start(f"train-fold{self.fold}", tags, state.mlflow_run_id)
         if run_id and not state.mlflow_run_id:
             state.mlflow_run_id = run_id
-            self.tracker.log_params(self.params.flat())
+            self.tracker.log_params(flatten(stage_values(self.params, "train")))
+        if not resumed:  # the run id is on disk before any work: a kill never orphans the run
+            self._save_state(state, {"model": model.state_dict()})
+        self._remove_unlisted_checkpoints(state)
+        self.tracker.log_rows(state.history)  # epochs saved but not logged at a kill
         if resumed:
             log.info(
                 "train fold %d: resuming after part %d epoch %d (MLflow run %s)",
@@ -429,7 +456,7 @@ class FoldTrainer:
                         optimizer, swa_lr=cfg.swa.lr, anneal_epochs=1
                     )
             start = 0
-            if resumed and p_idx == state.part and tstate:
+            if resumed and p_idx == state.part and "optimizer" in tstate:
                 optimizer.load_state_dict(tstate["optimizer"])
                 scheduler.load_state_dict(tstate["scheduler"])
                 scaler.load_state_dict(tstate["scaler"])
@@ -500,12 +527,9 @@ class FoldTrainer:
                     scheduler.step()
                 state.history.append(row)
                 self._update_topk(state, p_idx, epoch, float(row[monitor]), model, part.size)
+                state.part, state.epoch_in_part = p_idx, e
                 if self.dist.main:
                     self._write_history(state.history)
-                self.tracker.log_metrics(
-                    {k: v for k, v in row.items() if k not in ("epoch", "part")}, step=epoch
-                )
-                state.part, state.epoch_in_part = p_idx, e
                 self._save_state(
                     state,
                     {
@@ -517,6 +541,9 @@ class FoldTrainer:
                         "swa_sched": swa_sched.state_dict() if swa_sched is not None else None,
                     },
                 )
+                # after the save: a kill before this line logs the epoch at resume, after it
+                # the resumed run sees the step in MLflow and does not log it twice
+                self.tracker.log_rows(state.history)
                 log.log(
                     logging.INFO if self.dist.main else logging.DEBUG,
                     "fold %d epoch %d/%d [part %d, %dpx] loss %.4f/%.4f kaggle_dice %.4f "
@@ -630,11 +657,7 @@ class FoldTrainer:
         if self.log_model:
             tr.log_artifact(self.out / "model.pt", "model")
             tr.log_artifact(self.out / "checkpoints.json", "model")
-        import yaml
-
-        tr.log_text(
-            yaml.safe_dump(self.params.model_dump(mode="json"), sort_keys=False), "params.yaml"
-        )
+        tr.log_dict(stage_values(self.params, "train"), "params.yaml")
         tr.log_text(pip_freeze() + "\n", "environment/requirements.txt")
         tr.end("FINISHED")
         shutil.rmtree(self.work, ignore_errors=True)

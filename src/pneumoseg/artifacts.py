@@ -1,0 +1,158 @@
+"""The on-disk contracts between stages, each read and written here and nowhere else.
+
+- ``<processed>/manifest.csv``: one row per converted DICOM (``ImageId, split, has_mask,
+  mask_pixels, height, width`` and the non-identifying fields of
+  :data:`pneumoseg.dicom.SAFE_FIELDS`); ``images/<ImageId>.png`` (uint8 gray) and, for training
+  images, ``masks/<ImageId>.png`` (0/255) beside it; ``test_order.csv`` (the ImageId order of
+  the competition's sample submission, when there is one).
+- ``folds.csv``: ``ImageId, fold, has_mask`` sorted by ImageId.
+- ``<oof>/``: ``probs.npy`` (uint8 N x S x S, round(prob*255)), ``masks.npy`` (uint8 0/1, the
+  ground truth at S), ``ids.csv`` (``ImageId, fold, row``), optionally ``cls.npy`` (uint8 N).
+- ``postprocess.json`` belongs to :mod:`pneumoseg.postprocess`, which tunes and applies it.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.csv"
+FAILURES = "failures.csv"
+TEST_ORDER = "test_order.csv"
+BASE_MANIFEST_FIELDS = ("ImageId", "split", "has_mask", "mask_pixels", "height", "width")
+
+
+def write_csv(path: str | Path, fields: Iterable[str], rows: Iterable[dict[str, Any]]) -> None:
+    """A csv with a header row; ``rows`` are dicts keyed by ``fields``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_manifest(processed_dir: str | Path) -> dict[str, dict[str, str]]:
+    """ImageId -> manifest row of ``<processed_dir>/manifest.csv``."""
+    path = Path(processed_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run `pneumoseg convert` first)")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    missing = [f for f in BASE_MANIFEST_FIELDS if rows and f not in rows[0]]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {', '.join(missing)}; restore it with "
+            "`dvc checkout` or rerun `dvc repro -f -s convert`"
+        )
+    return {r["ImageId"]: r for r in rows}
+
+
+def native_size(row: dict[str, str]) -> tuple[int, int]:
+    """(height, width) of a manifest row."""
+    return int(row["height"]), int(row["width"])
+
+
+def image_path(processed_dir: str | Path, image_id: str) -> Path:
+    return Path(processed_dir) / "images" / f"{image_id}.png"
+
+
+def mask_path(processed_dir: str | Path, image_id: str) -> Path:
+    return Path(processed_dir) / "masks" / f"{image_id}.png"
+
+
+def write_test_order(processed_dir: str | Path, ids: list[str]) -> None:
+    write_csv(Path(processed_dir) / TEST_ORDER, ["ImageId"], ({"ImageId": i} for i in ids))
+
+
+def read_test_order(processed_dir: str | Path) -> list[str] | None:
+    """The sample submission's ImageId order recorded by ``convert`` (None when absent)."""
+    path = Path(processed_dir) / TEST_ORDER
+    if not path.is_file():
+        return None
+    with path.open(newline="") as fh:
+        return [r["ImageId"] for r in csv.DictReader(fh)]
+
+
+def write_folds(path: str | Path, folds: dict[str, int], labels: dict[str, int]) -> None:
+    """``ImageId,fold,has_mask`` sorted by ImageId."""
+    write_csv(
+        path,
+        ("ImageId", "fold", "has_mask"),
+        ({"ImageId": i, "fold": folds[i], "has_mask": labels[i]} for i in sorted(folds)),
+    )
+
+
+def read_folds(path: str | Path) -> dict[str, tuple[int, int]]:
+    """ImageId -> (fold, has_mask) from ``folds.csv``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run `pneumoseg split` first)")
+    with path.open(newline="") as fh:
+        return {r["ImageId"]: (int(r["fold"]), int(r["has_mask"])) for r in csv.DictReader(fh)}
+
+
+@dataclass
+class OofSet:
+    """The out-of-fold maps of one ``oof`` run (arrays memory-mapped)."""
+
+    ids: list[tuple[str, int]]  # (ImageId, fold) per row
+    probs: np.ndarray  # uint8 (N, S, S)
+    masks: np.ndarray  # uint8 (N, S, S), 0/1
+    cls: np.ndarray | None  # uint8 (N,) classifier probabilities, or None
+
+    @property
+    def size(self) -> int:
+        return int(self.probs.shape[1])
+
+    @property
+    def folds(self) -> np.ndarray:
+        return np.array([f for _, f in self.ids])
+
+
+def open_oof_arrays(out_dir: str | Path, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """New memory-mapped ``probs.npy`` and ``masks.npy`` of ``n`` maps of ``size`` x ``size``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = (n, size, size)
+    probs = np.lib.format.open_memmap(out / "probs.npy", mode="w+", dtype=np.uint8, shape=shape)
+    masks = np.lib.format.open_memmap(out / "masks.npy", mode="w+", dtype=np.uint8, shape=shape)
+    return probs, masks
+
+
+def write_oof_ids(out_dir: str | Path, ids: list[tuple[str, int]]) -> None:
+    write_csv(
+        Path(out_dir) / "ids.csv",
+        ("ImageId", "fold", "row"),
+        ({"ImageId": i, "fold": f, "row": k} for k, (i, f) in enumerate(ids)),
+    )
+
+
+def read_oof_ids(out_dir: str | Path) -> list[tuple[str, int]]:
+    """(ImageId, fold) per row of ``<oof>/ids.csv`` in row order."""
+    path = Path(out_dir) / "ids.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run `pneumoseg oof` first)")
+    with path.open(newline="") as fh:
+        rows = sorted(csv.DictReader(fh), key=lambda r: int(r["row"]))
+    return [(r["ImageId"], int(r["fold"])) for r in rows]
+
+
+def load_oof(out_dir: str | Path) -> OofSet:
+    """The OOF set of ``out_dir`` (maps memory-mapped, rows checked against ``ids.csv``)."""
+    out = Path(out_dir)
+    ids = read_oof_ids(out)
+    probs = np.load(out / "probs.npy", mmap_mode="r")
+    masks = np.load(out / "masks.npy", mmap_mode="r")
+    cls = np.load(out / "cls.npy") if (out / "cls.npy").is_file() else None
+    if len(probs) != len(ids) or masks.shape != probs.shape:
+        raise ValueError(
+            f"{out}: probs {probs.shape}, masks {masks.shape} and {len(ids)} ids disagree; "
+            "rerun `dvc repro -f -s oof`"
+        )
+    return OofSet(ids, probs, masks, cls)

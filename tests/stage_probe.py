@@ -1,0 +1,125 @@
+"""Run one pipeline stage and report what it really read: every params key path (through a
+recording params object), every pneumoseg module it imported and every file it opened.
+
+    python tests/stage_probe.py STAGE [--fold K] > report.json     (in a project folder)
+
+The report is ``{"reads": [...], "modules": [...], "opened": {"r": [...], "w": [...]}}``; file
+paths are relative to the project folder (files outside it are left out). Files written by
+native code (OpenCV's imwrite/imread) are not seen by the audit hook; everything Python opens
+(csv, json, numpy, torch, matplotlib, sqlite via the MLflow store) is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class Recorder:
+    """Wraps a params object: attribute access goes through, and every value read is recorded
+    under its dotted key path (``train.parts.0.lr``). Calling a method of a section (e.g.
+    ``model_dump``) records the whole section as read."""
+
+    def __init__(self, obj: Any, path: str, reads: set[str]) -> None:
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_reads", reads)
+
+    def __getattr__(self, name: str) -> Any:
+        obj, path, reads = self._obj, self._path, self._reads
+        value = getattr(obj, name)
+        fields = type(obj).model_fields if isinstance(obj, BaseModel) else {}
+        if name not in fields:  # a method or property: it may read anything below here
+            reads.add(path or "<root>")
+            return value
+        return wrap(value, f"{path}.{name}" if path else name, reads)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("params are read-only in a stage")
+
+    def __repr__(self) -> str:
+        return f"Recorder({self._path})"
+
+
+class RecordingList(list):
+    """A list of sections whose items are recorded as ``path.<index>``."""
+
+    def __init__(self, items: list[Any], path: str, reads: set[str]) -> None:
+        super().__init__(wrap(v, f"{path}.{i}", reads) for i, v in enumerate(items))
+        self._path, self._reads = path, reads
+
+    def __len__(self) -> int:
+        self._reads.add(self._path)
+        return super().__len__()
+
+
+def wrap(value: Any, path: str, reads: set[str]) -> Any:
+    if isinstance(value, BaseModel):
+        return Recorder(value, path, reads)
+    if isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+        return RecordingList(value, path, reads)
+    if isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
+        reads.add(path)  # e.g. studies: a mapping of sections, read as a whole
+        return value
+    reads.add(path)
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage")
+    parser.add_argument("--fold", type=int)
+    args = parser.parse_args()
+    root = Path.cwd().resolve()
+    opened: dict[str, set[str]] = {"r": set(), "w": set()}
+
+    def audit(event: str, event_args: tuple[Any, ...]) -> None:
+        if event != "open" or not isinstance(event_args[0], (str, bytes, os.PathLike)):
+            return
+        path = root / os.fsdecode(event_args[0])
+        mode = event_args[1] if isinstance(event_args[1], str) else "r"
+        flags = event_args[2] if len(event_args) > 2 and isinstance(event_args[2], int) else 0
+        writing = bool(any(c in mode for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR))
+        if not writing and not path.exists():
+            return  # e.g. a name relative to another folder (os.open with dir_fd)
+        try:
+            rel = path.resolve().relative_to(root)
+        except (ValueError, OSError):
+            return
+        opened["w" if writing else "r"].add(str(rel))
+
+    from pneumoseg.params import load_params
+
+    params = load_params("params.yaml")
+    reads: set[str] = set()
+    recorder = Recorder(params, "", reads)
+    import importlib
+
+    module = importlib.import_module(f"pneumoseg.stages.{args.stage}")
+    sys.addaudithook(audit)
+    kwargs: dict[str, Any] = {"progress": False}
+    if args.fold is not None:
+        kwargs["fold"] = args.fold
+    module.run(recorder, **kwargs)
+    modules = sorted(
+        str(Path(m.__file__).resolve())
+        for name, m in list(sys.modules.items())
+        if name.split(".")[0] == "pneumoseg" and getattr(m, "__file__", None)
+    )
+    report = {
+        "reads": sorted(reads),
+        "modules": modules,
+        "opened": {k: sorted(v) for k, v in opened.items()},
+    }
+    sys.stdout.flush()
+    print("STAGE_PROBE " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

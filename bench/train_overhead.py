@@ -58,12 +58,12 @@ import torch  # noqa: E402
 import torch.utils.deterministic  # noqa: E402
 import yaml  # noqa: E402
 
+from pneumoseg.artifacts import read_folds, write_folds  # noqa: E402
 from pneumoseg.data import SegDataset  # noqa: E402
 from pneumoseg.losses import ComboLoss  # noqa: E402
 from pneumoseg.models import build_model  # noqa: E402
-from pneumoseg.params import Params, load_params  # noqa: E402
+from pneumoseg.params import Params, flatten, load_params, stage_values  # noqa: E402
 from pneumoseg.sampling import SampleRateSampler  # noqa: E402
-from pneumoseg.artifacts import read_folds, write_folds  # noqa: E402
 from pneumoseg.stages.split import stratified_folds  # noqa: E402
 from pneumoseg.stages.train import FoldTrainer, make_optimizer, seed_everything  # noqa: E402
 
@@ -228,7 +228,7 @@ class Bench:
         run_id = tr.tracker.start(f"bench-{size}px", {"stage": "bench"})
         if run_id is None:
             raise RuntimeError("MLflow tracker did not start (see the warning above)")
-        tr.tracker.log_params(self.params.flat())
+        tr.tracker.log_params(flatten(stage_values(self.params, "train")))
         self.clock = StepClock(self.optimizer)
         # ---- bare sides: same architecture and init seed, plain tensors in memory
         plain = SegDataset(

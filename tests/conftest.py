@@ -11,13 +11,14 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from pipeline_helpers import Pipeline, probed_pipeline
+from engines import Postgres, running_postgres
+from pipeline_helpers import DvcProject, Pipeline, probed_pipeline, reproduced_project
 
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -230,3 +231,17 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """The tiny demo project after one run of every stage (trained once for the whole test
     run); tests that change files work on ``tiny_pipeline.copy(tmp_path / "p")``."""
     return probed_pipeline(tmp_path_factory.mktemp("tiny") / "p")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server on 127.0.0.1 for the whole test run (see tests/engines.py)."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dvc_project(tmp_path_factory: pytest.TempPathFactory) -> DvcProject:
+    """A git + DVC tiny project after one real `dvc repro` from nothing, committed (tag
+    ``base``); tests work on ``dvc_project.copy(tmp_path / "p")``."""
+    return reproduced_project(tmp_path_factory.mktemp("dvc") / "p")

@@ -189,3 +189,52 @@ def probed_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipe
 
 def write_params_of(project: Path) -> dict[str, Any]:
     return yaml.safe_load((project / "params.yaml").read_text())
+
+
+def set_params(project: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``overrides`` (nested, lists replaced) to the project's params.yaml."""
+    params = deep_update(write_params_of(project), yaml.safe_load(yaml.safe_dump(overrides)))
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+@dataclass
+class DvcProject:
+    """A git + DVC tiny project after a real ``dvc repro`` from nothing, committed."""
+
+    path: Path
+    ran: set[str]  # the stages that first `dvc repro` ran
+
+    def copy(self, dest: Path) -> Path:
+        shutil.copytree(self.path, dest, symlinks=True)
+        return dest
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], cwd=cwd, check=check)
+
+
+def repro(project: Path, *targets: str) -> set[str]:
+    """`dvc repro`; the names of the stages that ran."""
+    import re
+
+    out = dvc("repro", *targets, cwd=project).stdout
+    return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+def git_commit(project: Path, message: str, tag: str | None = None) -> str:
+    """Commit everything (DVC outputs are git-ignored by DVC); returns the commit sha."""
+    git = ("git", "-c", "advice.detachedHead=false")
+    run([*git, "add", "-A"], cwd=project)
+    run([*git, "commit", "-q", "-m", message], cwd=project)
+    if tag:
+        run([*git, "tag", tag], cwd=project)
+    return run([*git, "rev-parse", "HEAD"], cwd=project).stdout.strip()
+
+
+def reproduced_project(path: Path, overrides: dict[str, Any] | None = None) -> DvcProject:
+    project = make_project(path, overrides)
+    (project / "init.sha").write_text(git_commit(project, "init"))
+    ran = repro(project)
+    git_commit(project, "dvc repro", tag="base")
+    return DvcProject(project, ran)

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import BIN, make_project, run
+from pipeline_helpers import BIN, DvcProject, make_project, repro, run
 
 pytestmark = pytest.mark.slow
 
 
-def repro(project: Path) -> set[str]:
-    """Run `dvc repro`; return the names of the stages that actually ran."""
-    out = run([str(BIN / "dvc"), "repro"], cwd=project).stdout
-    return set(re.findall(r"Running stage '([^']+)'", out))
-
-
-def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
-    project = make_project(tmp_path / "proj")
-    ran = repro(project)
-    assert ran == {
+def test_dvc_repro_end_to_end(dvc_project: DvcProject, tmp_path: Path) -> None:
+    assert dvc_project.ran == {
         "demo",
         "convert",
         "split",
@@ -35,6 +26,7 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         "register",
         "submit",
     }
+    project = dvc_project.copy(tmp_path / "proj")
     for path in (
         "data/processed/manifest.csv",
         "data/folds.csv",
@@ -43,18 +35,24 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         "metrics/fold0.json",
         "plots/fold1/learning_curves.png",
         "models/postprocess.json",
+        "metrics/thresholds.json",
         "metrics/evaluate.json",
-        "models/registered.json",
+        "metrics/registered.json",
         "submission/submission.csv",
     ):
         assert (project / path).is_file(), path
-    # dvc.lock -> metrics file -> MLflow run
+    # dvc.lock -> metrics file -> MLflow run, for every stage that makes a run
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
     for fold in (0, 1):
         run_id = json.loads((project / f"metrics/fold{fold}.json").read_text())["mlflow_run_id"]
         assert client.get_run(run_id).data.tags["fold"] == str(fold)
+    for stage, key in (("thresholds", "mlflow_run_id"), ("evaluate", "mlflow_run_id")):
+        run_id = json.loads((project / f"metrics/{stage}.json").read_text())[key]
+        assert client.get_run(run_id).data.tags["stage"] == stage
+    registered = json.loads((project / "metrics/registered.json").read_text())
+    assert client.get_run(registered["run_id"]).data.tags["stage"] == "register"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert "train@0" in lock["stages"]
 

@@ -1,4 +1,4 @@
-"""oof -> thresholds -> evaluate -> submit -> score on a tiny trained demo project."""
+"""oof -> thresholds -> evaluate -> submit -> score on the shared tiny pipeline."""
 
 from __future__ import annotations
 
@@ -14,23 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_helpers import env, pneumoseg, prepared_data
+from pipeline_helpers import Pipeline, cli, env, pneumoseg, set_params
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = prepared_data(
-        tmp_path_factory.mktemp("post") / "p",
-        {"thresholds": {"trials": 30}, "evaluate": {"bootstrap": 200}, "oof": {"size": 64}},
-    )
-    pneumoseg("-q", "train", cwd=project)
-    pneumoseg("-q", "oof", cwd=project)
-    pneumoseg("-q", "thresholds", cwd=project)
-    pneumoseg("-q", "evaluate", cwd=project)
-    pneumoseg("-q", "submit", cwd=project)
-    return project
+def trained(tiny_pipeline: Pipeline) -> Path:
+    """The shared tiny pipeline (read only)."""
+    return tiny_pipeline.path
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -41,7 +33,9 @@ def rows(path: Path) -> list[dict[str, str]]:
 def test_oof_uses_the_fold_that_did_not_train(trained: Path) -> None:
     ids = rows(trained / "oof/ids.csv")
     folds = {r["ImageId"]: r for r in rows(trained / "data/folds.csv")}
-    assert sorted(r["ImageId"] for r in ids) == sorted(folds)  # every training image once
+    trained_folds = {"0", "1"}  # of 3: the third fold's images are left out
+    expected = sorted(i for i, r in folds.items() if r["fold"] in trained_folds)
+    assert sorted(r["ImageId"] for r in ids) == expected  # every image of those folds once
     assert all(r["fold"] == folds[r["ImageId"]]["fold"] for r in ids)
     probs = np.load(trained / "oof/probs.npy", mmap_mode="r")
     masks = np.load(trained / "oof/masks.npy", mmap_mode="r")
@@ -63,7 +57,7 @@ def test_postprocess_score_equals_naive_recomputation(trained: Path) -> None:
     assert kaggle_dice_naive(probs, masks, t, native).mean() == pytest.approx(
         post["score"], abs=1e-12
     )
-    assert post["n_trials"] == 30 and post["size"] == 64 and post["mlflow_run_id"]
+    assert post["n_trials"] == 20 and post["size"] == 64 and post["mlflow_run_id"]
     assert post["exhaustive"]["score"] >= post["empty_baseline"]
     assert post["score"] >= post["optuna_best_score"]
 
@@ -143,3 +137,62 @@ def test_killed_threshold_study_continues(trained: Path, tmp_path: Path) -> None
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.RUNNING) == 0  # the killed trial was failed
     assert sum(s == optuna.trial.TrialState.COMPLETE for s in states) >= done_before + 15 - 1
+
+
+def test_oof_rows_stay_aligned_when_folds_are_not_sorted(trained: Path, tmp_path: Path) -> None:
+    """train.folds [1, 0]: ids.csv, the maps and the masks follow one order."""
+    import cv2
+
+    project = tmp_path / "p"
+    shutil.copytree(trained, project)
+    set_params(project, {"train": {"folds": [1, 0]}})
+    cli("-q", "oof", cwd=project)
+    ids = rows(project / "oof/ids.csv")
+    assert [r["fold"] for r in ids] == sorted((r["fold"] for r in ids), reverse=True)
+    folds = {r["ImageId"]: r["fold"] for r in rows(project / "data/folds.csv")}
+    assert all(folds[r["ImageId"]] == r["fold"] for r in ids)
+    probs = np.load(project / "oof/probs.npy")
+    masks = np.load(project / "oof/masks.npy")
+    size = probs.shape[1]
+    # each row holds its own image's ground truth and the same map as in the sorted run
+    sorted_ids = [r["ImageId"] for r in rows(trained / "oof/ids.csv")]
+    sorted_probs = np.load(trained / "oof/probs.npy")
+    for k, r in enumerate(ids):
+        png = cv2.imread(str(project / "data/processed/masks" / f"{r['ImageId']}.png"), 0)
+        truth = cv2.resize(png, (size, size), interpolation=cv2.INTER_NEAREST) > 127
+        assert np.array_equal(masks[k].astype(bool), truth), r["ImageId"]
+        assert np.array_equal(probs[k], sorted_probs[sorted_ids.index(r["ImageId"])])
+
+
+def test_oof_maps_are_at_the_size_the_models_predict(trained: Path) -> None:
+    """oof.size null: thresholds are tuned at the size inference resizes from."""
+    import torch
+
+    meta = torch.load(trained / "models/folds/fold0/model.pt", weights_only=True)["meta"]
+    probs = np.load(trained / "oof/probs.npy", mmap_mode="r")
+    post = json.loads((trained / "models/postprocess.json").read_text())
+    assert probs.shape[1] == probs.shape[2] == meta["size"] == post["size"]
+
+
+def test_predicted_masks_have_native_resolution_edges(trained: Path) -> None:
+    """Probabilities are resized to the native size before the triplet: a mask of a 200 px
+    image from a 64 px model is not a blown-up 64 px mask (old behaviour: blocks of 3-4 px)."""
+    import cv2
+    from conftest import radiograph
+
+    from pneumoseg.inference import Ensemble, predict_masks
+    from pneumoseg.postprocess import PostProcess, Triplet
+
+    ens = Ensemble([trained / "models/folds/fold0/model.pt"], tta_hflip=False)
+    images = [radiograph(200, seed) for seed in range(4)]
+    prepared = [cv2.resize(i, (64, 64), interpolation=cv2.INTER_AREA) for i in images]
+    probs, _ = ens.predict(prepared)
+    level = float(np.percentile(probs, 70))  # a triplet that marks ~30% of the pixels
+    post = PostProcess(Triplet(top_threshold=level, min_area=0, bottom_threshold=level))
+    items = [(f"i{k}", p, (200, 200), {}) for k, p in enumerate(prepared)]
+    masks = [pred.mask for pred in predict_masks(ens, post, items)]
+    for mask in masks:
+        assert mask.shape == (200, 200) and 0 < mask.mean() < 1
+        small = cv2.resize(mask, (64, 64), interpolation=cv2.INTER_NEAREST)
+        blocks = cv2.resize(small, (200, 200), interpolation=cv2.INTER_NEAREST)
+        assert not np.array_equal(mask, blocks)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import copy
 import csv
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -27,17 +25,10 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from pipeline_helpers import BIN, TINY, cli, env, make_project, run
+from pipeline_helpers import BIN, DvcProject, cli, env, git_commit, repro, run
 
 pytestmark = pytest.mark.slow
 
-PART = copy.deepcopy(TINY["train"]["parts"][0]) | {"epochs": 1}
-OVERRIDES = {
-    "thresholds": {"trials": 10},
-    "oof": {"size": 64},
-    "evaluate": {"bootstrap": 50, "gallery": 2},
-    "train": {"parts": [PART]},
-}
 TEST_DIR = "data/raw/demo/dicom-images-test"
 IDENTIFYING_TAGS = (
     "PatientName",
@@ -95,28 +86,13 @@ def _local_tracking() -> Iterator[None]:
 GIT = ("git", "-c", "advice.detachedHead=false")
 
 
-def git_commit(project: Path, message: str, tag: str | None = None) -> str:
-    """Commit everything (DVC outputs are git-ignored by DVC); returns the commit sha."""
-    run([*GIT, "add", "-A"], cwd=project)
-    run([*GIT, "commit", "-q", "-m", message], cwd=project)
-    if tag:
-        run([*GIT, "tag", tag], cwd=project)
-    return run([*GIT, "rev-parse", "HEAD"], cwd=project).stdout.strip()
-
-
-def repro(project: Path, *targets: str) -> set[str]:
-    """`dvc repro`; the names of the stages that ran."""
-    out = run([str(BIN / "dvc"), "repro", *targets], cwd=project).stdout
-    return set(re.findall(r"Running stage '([^']+)'", out))
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny git + DVC project after `dvc repro` (version 1: the tuned ensemble, registered by
-    the pipeline) plus version 2: the same fold models with a deliberately wide triplet."""
-    project = make_project(tmp_path_factory.mktemp("registry") / "p", OVERRIDES)
-    (project / "init.sha").write_text(git_commit(project, "init"))
-    assert "register" in repro(project)
+def project(dvc_project: DvcProject, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared tiny git + DVC project after `dvc repro` (version 1: the tuned ensemble,
+    registered by the pipeline) plus version 2: the same fold models with a deliberately wide
+    triplet."""
+    project = dvc_project.copy(tmp_path_factory.mktemp("registry") / "p")
+    assert "register" in dvc_project.ran
     # v2: the same fold models with a wide triplet at the 80th percentile of the OOF maps
     level = int(np.percentile(np.load(project / "oof/probs.npy"), 80))
     post = json.loads((project / "models/postprocess.json").read_text())
@@ -148,10 +124,9 @@ def wide_predictions(project: Path) -> Path:
 
 
 def test_register_records_a_tagged_challenger(project: Path) -> None:
-    from pneumoseg.params import load_params
-    from pneumoseg.stages.register import MODEL_SECTIONS
+    from pneumoseg.params import digest, load_params, stage_values
 
-    first = json.loads((project / "models/registered.json").read_text())
+    first = json.loads((project / "metrics/registered.json").read_text())
     second = json.loads((project / "registered_wide.json").read_text())
     assert (first["version"], second["version"]) == ("1", "2")
     assert first["model_uri"] == "models:/pneumoseg/1" and first["run_id"]
@@ -167,7 +142,10 @@ def test_register_records_a_tagged_challenger(project: Path) -> None:
     assert tags["training_run_ids"] == ",".join(f["mlflow_run_id"] for f in folds)
     assert tags["data_hash"] == folds[0]["data_hash"]
     params = load_params(project / "params.yaml")
-    assert tags["params_hash"] == params.digest(*MODEL_SECTIONS)
+    training = sorted({f["params_hash"] for f in folds})
+    assert tags["params_hash"] == digest(
+        {"register": stage_values(params, "register"), "training": training}
+    )
     assert tags["git_commit"] == (project / "init.sha").read_text()
     assert tags["register_run_id"] == first["run_id"]
     assert c.get_model_version("pneumoseg", "1").run_id == first["run_id"]
@@ -349,7 +327,7 @@ def test_no_identifying_values_in_outputs_tags_or_artifacts(
     def leaks(data: bytes) -> list[str]:
         return [v for v in secrets if v.encode() in data]
 
-    for path in [*wide_predictions.rglob("*"), project / "models/registered.json"]:
+    for path in [*wide_predictions.rglob("*"), project / "metrics/registered.json"]:
         if path.is_file():
             assert not leaks(path.read_bytes()), path
     c = client(project)
@@ -452,22 +430,24 @@ def test_dvc_git_tags_restore_models_byte_for_byte(project: Path) -> None:
     """Runs last (adds version 3). After two trainings committed with git tags,
     `git checkout <tag> -- dvc.lock params.yaml && dvc checkout` restores the earlier models/."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["register"]
-    assert [o["path"] for o in lock["outs"]] == ["models/registered.json"]  # -> registry entry
+    assert [o["path"] for o in lock["outs"]] == ["metrics/registered.json"]  # -> registry entry
     sha1 = git_commit(project, "first training", tag="v1")
     models_v1 = _tree(project / "models")
-    assert json.loads(models_v1["registered.json"])["version"] == "1"
+    record_v1 = (project / "metrics/registered.json").read_bytes()
+    assert json.loads(record_v1)["version"] == "1"
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["seed"] = 7  # a second training
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert {"train@0", "train@1", "register"} <= repro(project, "register")
-    third = json.loads((project / "models/registered.json").read_text())
+    third = json.loads((project / "metrics/registered.json").read_text())
     assert third["version"] == "3" and third["git_commit"] == sha1
     git_commit(project, "second training", tag="v2")
     assert _tree(project / "models") != models_v1
     _, table, _ = cli("models", "list", cwd=project)
     assert table.splitlines()[1].split()[:2] == ["3", "challenger"]
 
-    run([*GIT, "checkout", "v1", "--", "dvc.lock", "params.yaml"], cwd=project)
+    run([*GIT, "checkout", "v1", "--", "dvc.lock", "params.yaml", "metrics"], cwd=project)
     run([str(BIN / "dvc"), "checkout"], cwd=project)
     assert _tree(project / "models") == models_v1  # byte for byte
+    assert (project / "metrics/registered.json").read_bytes() == record_v1  # -> version 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from pipeline_helpers import env, pneumoseg, prepared_data
+from pipeline_helpers import Pipeline, env, pneumoseg, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,13 @@ FOUR_EPOCHS = {
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return prepared_data(tmp_path_factory.mktemp("train") / "base", FOUR_EPOCHS)
+def data_dir(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline's processed data, with a four-epoch, two-part training."""
+    project = tiny_pipeline.copy(tmp_path_factory.mktemp("train") / "base")
+    for name in ("mlruns", "checkpoints", "models", "metrics", "plots"):
+        shutil.rmtree(project / name, ignore_errors=True)
+    set_params(project, FOUR_EPOCHS)
+    return project
 
 
 def clone(base: Path, dest: Path) -> Path:
@@ -109,50 +114,136 @@ def test_train_records_everything_and_parts_hand_over(data_dir: Path, tmp_path: 
     assert not (project / "checkpoints/fold0").exists()  # resume state cleaned up
 
 
-def _last_epoch(state: Path) -> int:
+def saved_epochs(state: Path) -> int:
+    """Epochs recorded in a resume state (-1 while it cannot be read)."""
     try:
         blob = torch.load(state, map_location="cpu", weights_only=False)
     except Exception:
         return -1
-    run = blob["run"]
-    return len(run["history"])
+    return len(blob["run"]["history"])
 
 
-def test_kill_and_resume_gives_identical_weights(data_dir: Path, tmp_path: Path) -> None:
-    reference = clone(data_dir, tmp_path / "ref")
-    pneumoseg("-q", "train", "--fold", "1", cwd=reference)
+# Two parts; SWA over the last two epochs of part 1 (global epochs 6 and 7).
+MID_PART = {
+    "train": {
+        "checkpoint": {"top_k": 2, "final": "swa"},
+        "swa": {"epochs": 2, "lr": 0.0005},
+        "parts": [
+            {"size": 64, "epochs": 3, "lr": 0.003, "loss": {"bce": 1, "dice": 1}},
+            {
+                "size": 64,
+                "epochs": 4,
+                "lr": 0.001,
+                "scheduler": {"name": "cosine", "min_lr": 0.0001},
+                "loss": {"bce": 1, "dice": 1},
+                "sample_rate": {"start": 0.6, "end": 0.4, "shape": "linear"},
+            },
+        ],
+    }
+}
 
-    project = clone(data_dir, tmp_path / "killed")
+
+def kill_after(project: Path, fold: int, epochs: int) -> dict:
+    """Start `pneumoseg train`, kill -9 it as soon as its resume state holds ``epochs``
+    epochs; returns that state's run record."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pneumoseg", "-q", "train", "--fold", "1"],
+        [sys.executable, "-m", "pneumoseg", "-q", "train", "--fold", str(fold)],
         cwd=project,
         env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    state = project / "checkpoints/fold1/last.pt"
+    state = project / f"checkpoints/fold{fold}/last.pt"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and _last_epoch(state) >= 2:  # kill inside part 1 (epoch 3)
+        if state.exists() and saved_epochs(state) >= epochs:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert proc.poll() is None, "training finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (project / "models/folds/fold1/model.pt").exists()
-    killed_run = torch.load(state, map_location="cpu", weights_only=False)["run"]["mlflow_run_id"]
+    return torch.load(state, map_location="cpu", weights_only=False)["run"]
 
+
+def test_kill_mid_part_and_in_swa_then_resume_gives_identical_weights(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    reference = clone(data_dir, tmp_path / "ref")
+    set_params(reference, MID_PART)
+    pneumoseg("-q", "train", "--fold", "1", cwd=reference)
+
+    project = clone(data_dir, tmp_path / "killed")
+    set_params(project, MID_PART)
+    first = kill_after(project, 1, 1)  # inside part 0: epoch 1 of 3 done
+    assert (first["part"], first["epoch_in_part"]) == (0, 0), first["history"][-1:]
+    second = kill_after(project, 1, 6)  # inside part 1 with SWA active: 3 of 4 done
+    assert (second["part"], second["epoch_in_part"]) == (1, 2), second["history"][-1:]
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert not (project / "models/folds/fold1/model.pt").exists()
     pneumoseg("-q", "train", "--fold", "1", cwd=project)
+
     ref = state_dict(reference / "models/folds/fold1/model.pt")
     got = state_dict(project / "models/folds/fold1/model.pt")
     assert ref.keys() == got.keys()
-    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
     ref_metrics = json.loads((reference / "metrics/fold1.json").read_text())
     got_metrics = json.loads((project / "metrics/fold1.json").read_text())
     assert got_metrics["final"] == ref_metrics["final"]
-    assert got_metrics["mlflow_run_id"] == killed_run  # the same MLflow run was continued
+    assert got_metrics["final_weights"] == "swa"
+    assert got_metrics["mlflow_run_id"] == first["mlflow_run_id"]  # one run, continued
     (run,) = mlflow_runs(project)
     assert run.info.status == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    per_epoch = [k for k in run.data.metrics if not k.startswith("final_")]
+    assert {"train_loss", "val_loss", "lr", "sample_rate"} <= set(per_epoch)
+    for key in per_epoch:  # exactly one value per metric and epoch, none lost, none twice
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(1, 8)), (key, steps)
+    assert not (project / "checkpoints/fold1").exists()
+
+
+def test_a_kill_while_saving_loses_no_checkpoint_and_logs_no_epoch_twice(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """top_k 1 on a metric that improves every epoch: each epoch evicts the previous file.
+    A kill while the state of epoch 2 is being saved must leave epoch 1's file, which the
+    saved state (epoch 1) still lists, on disk; the rerun then completes, and the epoch that
+    ran twice is logged once."""
+    from pipeline_helpers import cli
+
+    from pneumoseg.stages import train
+
+    project = clone(data_dir, tmp_path / "evict")
+    set_params(project, {"train": {"checkpoint": {"top_k": 1, "monitor": "epoch", "mode": "max"}}})
+    original = train.FoldTrainer._save_state
+
+    def dies_at_epoch_two(self: train.FoldTrainer, state: train.RunState, torch_state: dict):
+        if len(state.history) == 2:
+            raise KeyboardInterrupt("killed while saving")
+        return original(self, state, torch_state)
+
+    monkeypatch.setattr(train.FoldTrainer, "_save_state", dies_at_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        cli("-q", "train", "--fold", "0", cwd=project)
+    saved = torch.load(project / "checkpoints/fold0/last.pt", weights_only=False)["run"]
+    assert len(saved["history"]) == 1
+    listed = [c["path"] for c in saved["topk"]]
+    assert listed == ["part0-epoch001.pt"]
+    assert all((project / "checkpoints/fold0" / name).is_file() for name in listed)
+    monkeypatch.setattr(train.FoldTrainer, "_save_state", original)
+    cli("-q", "train", "--fold", "0", cwd=project)
+    ckpts = json.loads((project / "models/folds/fold0/checkpoints.json").read_text())
+    assert [(c["part"], c["epoch"]) for c in ckpts] == [(0, 2), (1, 4)]
+    # epoch 2 ran twice (before the kill and after it) but is in the MLflow run once
+    from mlflow.tracking import MlflowClient
+
+    (run,) = mlflow_runs(project)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    for key in ("train_loss", "val_loss", "val_kaggle_dice", "lr"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [1, 2, 3, 4], (key, steps)
 
 
 def test_tracking_failure_does_not_stop_training(data_dir: Path, tmp_path: Path) -> None:

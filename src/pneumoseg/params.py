@@ -406,11 +406,6 @@ class Params(Strict):
             check_study(self, name, study)
         return self
 
-    def flat(self) -> dict[str, Any]:
-        """Flattened ``{"train.parts.0.lr": value}`` view of the pipeline params (MLflow-safe
-        keys; the ``studies`` section is not a pipeline param and is left out)."""
-        return flatten(self.model_dump(mode="json", exclude={"studies"}))
-
 
 # What each DVC stage reads, besides the paths that dvc.yaml interpolates (``${data.size}`` in a
 # dep or out makes DVC track that key through the path). dvc.yaml lists exactly these keys

@@ -189,6 +189,12 @@ def convert(
     csv_path = Path(rle_csv) if rle_csv else find_rle_csv(raw_dir)
     if not csv_path.is_file():
         raise ConvertError(f"{csv_path}: RLE csv not found")
+    for key, path in (("data.rle_csv", rle_csv), ("data.sample_submission", sample_submission)):
+        if path and not Path(path).resolve().is_relative_to(raw_dir.resolve()):
+            raise ConvertError(
+                f"{key}: {path} is outside data.raw_dir ({raw_dir}), the folder dvc.yaml "
+                "declares as the input; move the file into it"
+            )
     table = read_rle_csv(csv_path, dialect)
     sample = Path(sample_submission) if sample_submission else raw_dir / SAMPLE_SUBMISSION
     if sample_submission and not sample.is_file():

@@ -60,11 +60,11 @@ import yaml  # noqa: E402
 
 from pneumoseg.artifacts import read_folds, write_folds  # noqa: E402
 from pneumoseg.data import SegDataset  # noqa: E402
+from pneumoseg.folds import stratified_folds  # noqa: E402
 from pneumoseg.losses import ComboLoss  # noqa: E402
 from pneumoseg.models import build_model  # noqa: E402
 from pneumoseg.params import Params, flatten, load_params, stage_values  # noqa: E402
 from pneumoseg.sampling import SampleRateSampler  # noqa: E402
-from pneumoseg.stages.split import stratified_folds  # noqa: E402
 from pneumoseg.stages.train import FoldTrainer, make_optimizer, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

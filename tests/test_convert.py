@@ -496,8 +496,13 @@ def test_window_is_applied_exactly(tmp_path: Path) -> None:
     )
     stored = np.round(picture.astype(float) * 4095 / 255)  # MONOCHROME2 sense
     stored = 4095 - stored  # as stored in MONOCHROME1
-    expected = np.clip((stored - (center - width / 2)) / width, 0, 1) * 255
-    expected = 255 - np.round(expected)
+    # DICOM PS3.3 C.11.2.1.2.1, LINEAR, with the output range 0..255:
+    #   x <= c - 0.5 - (w-1)/2 -> ymin; x > c - 0.5 + (w-1)/2 -> ymax;
+    #   else y = ((x - (c - 0.5)) / (w - 1) + 0.5) * (ymax - ymin) + ymin
+    low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    inside = ((stored - (center - 0.5)) / (width - 1) + 0.5) * 255
+    expected = np.where(stored <= low, 0.0, np.where(stored > high, 255.0, inside))
+    expected = 255 - np.round(expected)  # MONOCHROME1: high values display dark
     image = read_dicom(path).image
     assert image.shape == picture.shape
     assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1

@@ -9,16 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_helpers import pneumoseg, prepared_data
+from pipeline_helpers import Pipeline, pneumoseg, set_params
 
 pytestmark = pytest.mark.slow
 
 GROUPED = {
     "thresholds": {"group_by": "view_position", "trials": 20},
     "evaluate": {"bootstrap": 50, "gallery": 2},
-    "train": {
-        "parts": [{"size": 64, "epochs": 1, "lr": 0.003, "loss": {"bce": 1, "dice": 1}}],
-    },
 }
 
 
@@ -28,10 +25,11 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = prepared_data(tmp_path_factory.mktemp("grouped") / "p", GROUPED)
-    for stage in ("train", "oof", "thresholds"):
-        pneumoseg("-q", stage, cwd=path)
+def project(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared tiny pipeline's OOF maps, thresholds searched per view position."""
+    path = tiny_pipeline.copy(tmp_path_factory.mktemp("grouped") / "p")
+    set_params(path, GROUPED)
+    pneumoseg("-q", "thresholds", cwd=path)
     return path
 
 
@@ -67,7 +65,21 @@ def test_one_triplet_per_group_and_exact_score(project: Path) -> None:
     for t in post["groups"].values():
         assert {"top_threshold", "min_area", "bottom_threshold"} <= set(t)
     assert post["score"] == pytest.approx(naive_grouped(project, post), abs=1e-12)
-    assert post["score"] >= post["optuna_best_score"]  # per group, the better of study and grid
+    # per group, the better of the study's and the grid's triplet, both re-scored naively
+    from pneumoseg.postprocess import Triplet, kaggle_dice_naive
+
+    probs, masks, native, views = oof_arrays(project)
+    for g, found in post["group_candidates"].items():
+        idx = np.flatnonzero(views == g)
+
+        def naive(t: dict, idx: np.ndarray = idx) -> float:
+            return float(
+                kaggle_dice_naive(probs[idx], masks[idx], Triplet(**t), native[idx]).mean()
+            )
+
+        study, grid = naive(found["optuna"]), naive(found["exhaustive"])
+        assert naive(post["groups"][g]) == pytest.approx(max(study, grid), abs=1e-12)
+        assert post["group_selected"][g] == ("exhaustive" if grid > study else "optuna")
 
 
 def test_evaluate_and_submit_apply_each_groups_triplet(project: Path) -> None:
@@ -87,8 +99,13 @@ def test_evaluate_and_submit_apply_each_groups_triplet(project: Path) -> None:
     ev = json.loads((project / "metrics/evaluate.json").read_text())
     assert ev["group_by"] == "view_position"
     assert ev["kaggle_dice"] == pytest.approx(naive_grouped(project, post), abs=1e-12)
-    cf = ev["per_fold"]["0"]["cross_fit_thresholds"]["groups"]
-    assert set(cf) <= {"AP", "PA"}  # cross-fitting tunes one triplet per group as well
+    ids = rows(project / "oof/ids.csv")
+    views_of = {
+        r["ImageId"]: r["view_position"] for r in rows(project / "data/processed/manifest.csv")
+    }
+    for k in ("0", "1"):  # cross-fitting tunes one triplet per group of the other fold
+        cf = ev["per_fold"][k]["cross_fit_thresholds"]["groups"]
+        assert set(cf) == {views_of[r["ImageId"]] for r in ids if r["fold"] != k}
 
     manifest = {r["ImageId"]: r for r in rows(project / "data/processed/manifest.csv")}
     sub = {r["ImageId"]: r["EncodedPixels"] for r in rows(project / "submission/submission.csv")}

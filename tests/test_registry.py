@@ -256,20 +256,33 @@ def test_rollback_walks_back_through_the_champion_history(project: Path) -> None
     assert code == 1 and "model 'pneumoseg' has no version 7" in err
 
 
-def test_auto_promote_needs_a_better_cross_fitted_score(project: Path) -> None:
+def test_auto_promote_needs_a_better_honest_score(project: Path) -> None:
+    """The untouched score decides when both versions have one, else the cross-fitted one."""
     from pneumoseg import registry
 
     c = client(project)
     registry.promote(c, "pneumoseg", "1")
     promoted, why = registry.auto_promote(c, "pneumoseg", "2")  # same OOF maps: same score
-    assert not promoted and "does not beat champion v1" in why
-    score = c.get_model_version("pneumoseg", "2").tags["kaggle_dice_cross_fitted"]
-    c.set_model_version_tag("pneumoseg", "2", "kaggle_dice_cross_fitted", "0.999")
+    assert not promoted and "untouched dice" in why and "does not beat champion v1" in why
+    saved = dict(c.get_model_version("pneumoseg", "2").tags)
+
+    def tag(key: str, value: str) -> None:
+        c.set_model_version_tag("pneumoseg", "2", key, value)
+
     try:
+        tag("kaggle_dice_cross_fitted", "0.999")  # a better cross-fitted score alone: no
+        assert not registry.auto_promote(c, "pneumoseg", "2")[0]
+        tag("kaggle_dice_untouched", "None")  # no untouched score: the cross-fitted decides
         promoted, why = registry.auto_promote(c, "pneumoseg", "2")
+        assert promoted and "cross-fitted dice 0.9990 beats champion v1" in why
+        registry.promote(c, "pneumoseg", "1")
+        tag("kaggle_dice_cross_fitted", saved["kaggle_dice_cross_fitted"])
+        tag("kaggle_dice_untouched", "0.999")
+        promoted, why = registry.auto_promote(c, "pneumoseg", "2")
+        assert promoted and "untouched dice 0.9990 beats champion v1" in why
     finally:
-        c.set_model_version_tag("pneumoseg", "2", "kaggle_dice_cross_fitted", score)
-    assert promoted and "beats champion v1" in why
+        for key in ("kaggle_dice_cross_fitted", "kaggle_dice_untouched"):
+            tag(key, saved[key])
     assert str(c.get_registered_model("pneumoseg").aliases["champion"]) == "2"
 
 

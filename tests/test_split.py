@@ -12,11 +12,8 @@ import yaml
 
 from pneumoseg import cli
 from pneumoseg.artifacts import read_folds
-from pneumoseg.stages.split import (
-    SplitError,
-    read_train_labels,
-    stratified_folds,
-)
+from pneumoseg.folds import SplitError, stratified_folds
+from pneumoseg.stages.split import read_train_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -127,14 +127,17 @@ def test_edit_yaml_scalars_changes_exactly_the_targeted_values() -> None:
     assert [c[0] for c in changes] == list(values)
 
 
-def test_edit_yaml_scalars_refuses_missing_keys_and_mappings() -> None:
-    text = "train:\n  parts:\n    - size: 64\n      loss: {bce: 1}\n"
+def test_edit_yaml_scalars_refuses_missing_keys_and_block_mappings() -> None:
+    text = "train:\n  parts:\n    - size: 64\n      loss: {bce: 1}  # flow\n"
     with pytest.raises(ValueError, match=r"train\.parts\[0\]\.loss\.dice is not written"):
         edit_yaml_scalars(text, {"train.parts[0].loss.dice": 2.0})
-    with pytest.raises(ValueError, match=r"train\.parts\[0\]\.loss is a mapping"):
-        edit_yaml_scalars(text, {"train.parts[0].loss": 2.0})
+    with pytest.raises(ValueError, match=r"train\.parts\[0\] is a mapping or list over sev"):
+        edit_yaml_scalars(text, {"train.parts[0]": {"size": 32}})
     new, _ = edit_yaml_scalars(text, {"train.parts[0].loss.bce": 0.5})
     assert new == text.replace("bce: 1", "bce: 0.5")
+    # a one-line flow collection is replaced whole, its comment kept
+    new, _ = edit_yaml_scalars(text, {"train.parts[0].loss": {"bce": 2, "dice": 1}})
+    assert new == text.replace("{bce: 1}", "{bce: 2, dice: 1}")
 
 
 def test_grid_sampler_needs_steps(tmp_path: Path) -> None:
@@ -248,13 +251,25 @@ def test_study_prunes_continues_tracks_shows_and_applies(studied: Path, tmp_path
     assert after["train"]["parts"][0]["loss"]["bce"] == best.params[BCE]
     before["train"]["parts"][0]["lr"] = best.params[LR]
     before["train"]["parts"][0]["loss"]["bce"] = best.params[BCE]
+    # and the record of what chose them: the study, its best trial, the images that scored it
+    (applied,) = after["provenance"]["studies"]
+    assert applied == {
+        "name": "tiny",
+        "trial": best.number,
+        "value": best.value,
+        "folds": [0],
+        "selection": "inner",
+        "inner_fraction": before["train"]["selection"]["inner_fraction"],
+        "seed": before["train"]["seed"],
+    }
+    before["provenance"]["studies"] = [applied]
     assert before == after
     diff = [
         (a, b)
         for a, b in zip(before_text.splitlines(), after_text.splitlines(), strict=True)
         if a != b
     ]
-    assert len(diff) == 2
+    assert len(diff) == 3
 
 
 @pytest.mark.slow
@@ -294,6 +309,11 @@ def test_apply_exp_runs_a_dvc_experiment(base: Path, tmp_path: Path) -> None:
     assert (project / "out.txt").read_text().split() == ["0.01", "1.5"]
     shown = run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--json"], cwd=project)
     assert '"bce": 1.5' in shown.stdout.replace("\n", " ") or "1.5" in shown.stdout
+    # the experiment's params record what chose the values (a study from before that record
+    # existed counts as scored on its folds' held-out images)
+    (applied,) = yaml.safe_load((project / "params.yaml").read_text())["provenance"]["studies"]
+    assert applied["name"] == "tiny" and applied["trial"] == 0 and applied["value"] == 0.5
+    assert applied["selection"] == "held_out" and applied["folds"] == [0]
 
 
 def worker(project: Path, *args: str) -> subprocess.Popen:

@@ -7,13 +7,15 @@
   the competition's sample submission, when there is one).
 - ``folds.csv``: ``ImageId, fold, has_mask`` sorted by ImageId.
 - ``<oof>/``: ``probs.npy`` (uint8 N x S x S, round(prob*255)), ``masks.npy`` (uint8 0/1, the
-  ground truth at S), ``ids.csv`` (``ImageId, fold, row``), optionally ``cls.npy`` (uint8 N).
+  ground truth at S), ``ids.csv`` (``ImageId, fold, row``), optionally ``cls.npy`` (uint8 N), and
+  ``models.json`` (per fold: the model files and how their checkpoints were selected).
 - ``postprocess.json`` belongs to :mod:`pneumoseg.postprocess`, which tunes and applies it.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +97,20 @@ def read_folds(path: str | Path) -> dict[str, tuple[int, int]]:
         raise FileNotFoundError(f"{path}: not found (run `pneumoseg split` first)")
     with path.open(newline="") as fh:
         return {r["ImageId"]: (int(r["fold"]), int(r["has_mask"])) for r in csv.DictReader(fh)}
+
+
+def write_oof_models(out_dir: str | Path, models: dict[int, dict[str, Any]]) -> None:
+    """Per fold: ``{"files": [...], "selection": {...}, "mlflow_run_id": ...}``."""
+    text = json.dumps({str(k): v for k, v in models.items()}, indent=2, sort_keys=True)
+    (Path(out_dir) / "models.json").write_text(text + "\n")
+
+
+def read_oof_models(out_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """What :func:`write_oof_models` wrote ({} for OOF sets written before it existed)."""
+    path = Path(out_dir) / "models.json"
+    if not path.is_file():
+        return {}
+    return {int(k): v for k, v in json.loads(path.read_text()).items()}
 
 
 @dataclass

@@ -71,19 +71,14 @@ def safe_meta(ds: Any) -> dict[str, Any]:
     }
 
 
-def _first(value: Any) -> float:
-    try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
-
-
 def to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
     """Map stored pixel values to uint8 with air dark.
 
     8-bit MONOCHROME2 without a VOI passes through unchanged (the SIIM case). Otherwise the
-    modality LUT is applied, then the VOI LUT or first window if the file has one, else a robust
-    0.5-99.5 percentile stretch; MONOCHROME1 is inverted last.
+    modality LUT is applied, then the VOI LUT or first window if the file has one (pydicom's
+    implementation of the standard, PS3.3 C.11.2, ``VOILUTFunction`` included), mapped from its
+    full output range to 0..255, else a robust 0.5-99.5 percentile stretch; MONOCHROME1 is
+    inverted last.
     """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -98,12 +93,11 @@ def to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
         out = arr
     else:
         values = apply_modality_lut(arr, ds).astype(np.float64)
-        if has_voi_lut:
+        if has_voi_lut or has_window:
             values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
-            lo, hi = values.min(), values.max()
-        elif has_window:
-            center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
-            lo, hi = center - width / 2.0, center + width / 2.0
+            # the VOI's output range: what it gives for inputs far below and above any window
+            ends = apply_voi_lut(np.array([-(2.0**40), 2.0**40]), ds, prefer_lut=True)
+            lo, hi = float(np.min(ends)), float(np.max(ends))
         else:
             lo, hi = np.percentile(values, [0.5, 99.5])
         scaled = np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)

@@ -158,13 +158,26 @@ class AugmentParams(Strict):
     crop_min_scale: float = Field(0.6, gt=0, le=1)
 
 
+class SelectionParams(Strict):
+    """Which images make a fold's training decisions (checkpoint ranking, the best weights a
+    part hands over, the plateau scheduler, a study's objective and pruning).
+
+    ``inner``: a stratified, seeded ``inner_fraction`` of the fold's training images, held out
+    of its training; the held-out fold stays untouched until OOF. ``none``: no selection, the
+    whole training set trains and the last epoch (or SWA) is the model. ``held_out``: the fold's
+    own held-out images decide, which OOF then scores (optimistic; the round-1 behaviour)."""
+
+    mode: Literal["inner", "none", "held_out"] = "inner"
+    inner_fraction: float = Field(0.15, gt=0, lt=0.5)
+
+
 class CheckpointParams(Strict):
     """Top-k checkpoint selection and the final weights of a fold."""
 
     monitor: str = "val_kaggle_dice"
     mode: Literal["max", "min"] = "max"
     top_k: int = Field(3, ge=1)
-    final: Literal["best", "average_top_k", "swa"] = "best"
+    final: Literal["best", "average_top_k", "swa", "last"] = "best"
 
 
 class SWAParams(Strict):
@@ -196,6 +209,7 @@ class TrainParams(Strict):
     amp: bool = True  # CUDA only
     channels_last: bool = True
     val_threshold: Fraction = 0.5
+    selection: SelectionParams = SelectionParams()
     checkpoint: CheckpointParams = CheckpointParams()
     swa: SWAParams = SWAParams()
     augment: AugmentParams = AugmentParams()
@@ -207,6 +221,17 @@ class TrainParams(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
+        if self.selection.mode == "none":
+            if self.checkpoint.final in ("best", "average_top_k"):
+                raise ValueError(
+                    f"checkpoint.final: {self.checkpoint.final!r} ranks epochs on a validation "
+                    "split; with selection.mode: none use last or swa"
+                )
+            if any(p.scheduler.name == "plateau" for p in self.parts):
+                raise ValueError(
+                    "parts: the plateau scheduler watches a validation split; with "
+                    "selection.mode: none use another scheduler"
+                )
         if self.checkpoint.final == "swa" and self.swa.epochs == 0:
             raise ValueError("checkpoint.final: 'swa' needs swa.epochs > 0")
         if self.swa.epochs > self.parts[-1].epochs:
@@ -382,6 +407,25 @@ class StudyParams(Strict):
         return self
 
 
+class AppliedStudy(Strict):
+    """A study whose best values are in these params (written by ``pneumoseg study apply``):
+    which images scored its trials, so ``evaluate`` can tell which OOF images it saw."""
+
+    name: str
+    trial: int
+    value: float | None = None
+    folds: list[Annotated[int, Field(ge=0)]]
+    selection: Literal["inner", "held_out"]  # the images of those folds that scored the trials
+    inner_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 42  # train.seed of the trials (the inner split depends on it)
+
+
+class ProvenanceParams(Strict):
+    """Decisions taken outside the pipeline's stages whose results live in these params."""
+
+    studies: list[AppliedStudy] = []
+
+
 class Params(Strict):
     """The whole ``params.yaml``."""
 
@@ -396,6 +440,7 @@ class Params(Strict):
     registry: RegistryParams = RegistryParams()
     mlflow: MlflowParams = MlflowParams()
     studies: dict[str, StudyParams] = {}
+    provenance: ProvenanceParams = ProvenanceParams()
 
     @model_validator(mode="after")
     def _folds_exist(self) -> Params:
@@ -432,6 +477,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "train.amp",
         "train.channels_last",
         "train.val_threshold",
+        "train.selection",
         "train.checkpoint",
         "train.swa",
         "train.augment",
@@ -449,8 +495,13 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "evaluate": (
         "evaluate.bootstrap",
         "evaluate.gallery",
+        "thresholds.trials",
+        "thresholds.seed",
         "thresholds.space",
+        "thresholds.exhaustive",
         "thresholds.exhaustive_areas",
+        "thresholds.group_by",
+        "provenance.studies",
     ),
     "register": (
         "registry.auto_promote",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,64 @@ def save_overlay_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), np.vstack(rows))
     return path
+
+
+def evaluation_plots(
+    out: Path,
+    scorer: Any,
+    triplet: Any,
+    dice: np.ndarray,
+    gallery: int,
+    case: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> list[Path]:
+    """``evaluate``'s PNGs in ``out``: the OOF score against the bottom threshold (the tuned
+    top threshold and min area kept), the per-image dice histogram, and the ``gallery`` worst
+    false positives / negatives as overlays; ``case(i)`` gives OOF row ``i``'s (image, truth,
+    prediction) at the map size; ``scorer`` a :class:`pneumoseg.postprocess.TripletScorer`."""
+    import dataclasses
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    positive = scorer.gt > 0
+    bottoms = np.arange(0, 256)
+    scores = [
+        scorer.score(dataclasses.replace(triplet, bottom_threshold=float(b) / 255)) for b in bottoms
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    ax.plot(bottoms / 255, scores, label="tuned top/min_area, varying bottom")
+    ax.axhline(scorer.empty_baseline(), color="grey", ls="--", label="all-empty baseline")
+    ax.axvline(triplet.bottom_threshold, color="red", lw=0.8, label="tuned bottom")
+    ax.set_xlabel("bottom threshold")
+    ax.set_ylabel("Kaggle mean dice (OOF, in-sample)")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "score_vs_bottom.png", dpi=90)
+    plt.close(fig)
+    written = [out / "score_vs_bottom.png"]
+
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    ax.hist(
+        [dice[positive], dice[~positive]],
+        bins=20,
+        range=(0, 1),
+        stacked=True,
+        label=["pneumothorax", "no pneumothorax"],
+    )
+    ax.set_xlabel("per-image dice")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "dice_histogram.png", dpi=90)
+    plt.close(fig)
+    written.append(out / "dice_histogram.png")
+
+    order = np.argsort(dice, kind="stable")
+    fp = [i for i in order if not positive[i] and dice[i] == 0][:gallery]
+    fn = [i for i in order if positive[i]][:gallery]
+    for name, pick in (("worst_false_positives", fp), ("worst_false_negatives", fn)):
+        if pick:
+            cases = [(*case(int(i)), float(dice[i])) for i in pick]
+            written.append(save_overlay_grid(cases, out / f"{name}.png"))
+    return written

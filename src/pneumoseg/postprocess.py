@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -282,6 +283,19 @@ class TripletScorer:
         self._area_cache: dict[float, int | np.ndarray] = {}
         self._cc_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
+    @property
+    def cls(self) -> np.ndarray | None:
+        """Per-image classifier values (0..255) or None."""
+        return self._cls
+
+    def map(self, i: int) -> np.ndarray:
+        """The uint8 probability map of image ``i``."""
+        return np.asarray(self._probs[i])
+
+    def truth(self, i: int) -> np.ndarray:
+        """The 0/1 uint8 ground truth of image ``i``."""
+        return (np.asarray(self._masks[i]) != 0).view(np.uint8)
+
     def _chunks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield ``(start, probs chunk, 0/1 uint8 mask chunk)`` loaded into memory."""
         for start in range(0, self.n, self.batch):
@@ -477,6 +491,36 @@ def exhaustive_best(
     return best
 
 
+def grouped_dice(
+    scorer: TripletScorer,
+    groups: np.ndarray | None,
+    triplets: Mapping[str, Triplet],
+    subset: np.ndarray | None = None,
+    default: Triplet | None = None,
+) -> np.ndarray:
+    """Per-image Kaggle dice of ``subset`` (all images by default, in its order), each image
+    with its group's triplet; a group without one gets ``default`` (an error without it).
+    ``groups`` None: every image takes ``default`` (or the only triplet)."""
+    idx = np.arange(scorer.n) if subset is None else np.asarray(scorer._index(subset))
+    if isinstance(idx, slice):
+        idx = np.arange(scorer.n)
+    if groups is None:
+        t = default if default is not None else next(iter(triplets.values()))
+        return scorer.per_image(t, idx)
+    groups = np.asarray(groups)
+    if groups.shape != (scorer.n,):
+        raise ValueError(f"groups must have shape ({scorer.n},), got {groups.shape}")
+    dice = np.empty(len(idx), dtype=np.float64)
+    for g in np.unique(groups[idx]):
+        key = g.item() if isinstance(g, np.generic) else g
+        t = triplets.get(key, default)
+        if t is None:
+            raise ValueError(f"no triplet for group {key!r}")
+        mine = np.flatnonzero(groups[idx] == g)
+        dice[mine] = scorer.per_image(t, idx[mine])
+    return dice
+
+
 def score_grouped(scorer: TripletScorer, groups: np.ndarray, triplets: dict[str, Triplet]) -> float:
     """Mean Kaggle dice over ALL images, each image scored with its group's triplet.
 
@@ -485,17 +529,7 @@ def score_grouped(scorer: TripletScorer, groups: np.ndarray, triplets: dict[str,
     (``scorer.exhaustive(..., subset=groups == g)`` or one study per prefix) gives the joint
     optimum. Every group present in ``groups`` needs a triplet.
     """
-    groups = np.asarray(groups)
-    if groups.shape != (scorer.n,):
-        raise ValueError(f"groups must have shape ({scorer.n},), got {groups.shape}")
-    dice = np.empty(scorer.n, dtype=np.float64)
-    for g in np.unique(groups):
-        key = g.item() if isinstance(g, np.generic) else g
-        if key not in triplets:
-            raise ValueError(f"no triplet for group {key!r}")
-        idx = np.flatnonzero(groups == g)
-        dice[idx] = scorer.per_image(triplets[key], idx)
-    return float(dice.mean())
+    return float(grouped_dice(scorer, groups, triplets).mean())
 
 
 def oof_scorer(
@@ -675,9 +709,152 @@ class PostProcess:
             return self.default
         return self.groups.get(str(meta.get(self.group_by) or "unknown"), self.default)
 
+    def per_image(
+        self, scorer: TripletScorer, groups: np.ndarray | None, subset: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Kaggle dice of each image of ``subset`` (all by default) with its triplet;
+        ``groups``: the images' values of ``group_by`` (see :func:`group_labels`)."""
+        if self.group_by is None or groups is None:
+            return grouped_dice(scorer, None, {}, subset, self.default)
+        return grouped_dice(scorer, groups, self.groups, subset, self.default)
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = asdict(self.default)
         if self.group_by is not None:
             out["group_by"] = self.group_by
             out["groups"] = {g: asdict(t) for g, t in self.groups.items()}
         return out
+
+
+# --- the search that `thresholds` deploys and `evaluate` cross-fits -----------------------------
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the triplet is tuned (the ``thresholds.*`` keys): an Optuna TPE study of
+    ``trials`` trials over ``space`` (seeded), and, with ``exhaustive``, the whole uint8 grid
+    of top x bottom for each of ``areas`` and classifier ``gates``; the better one is kept
+    (per group with ``group_by``)."""
+
+    trials: int
+    seed: int
+    space: dict[str, Any]
+    exhaustive: bool
+    areas: tuple[float, ...]
+    gates: tuple[float | None, ...]
+    group_by: str | None = None
+
+    @classmethod
+    def of(cls, cfg: Any, has_cls: bool) -> SearchSettings:
+        """From a ``thresholds`` params section, for OOF maps with/without classifier values."""
+        space = search_space(cfg.space, has_cls)
+        return cls(
+            trials=int(cfg.trials),
+            seed=int(cfg.seed),
+            space=space,
+            exhaustive=bool(cfg.exhaustive),
+            areas=tuple(float(a) for a in cfg.exhaustive_areas),
+            gates=tuple(gate_levels(space.get("cls_gate"))),
+            group_by=cfg.group_by,
+        )
+
+
+def _subset(scorer: TripletScorer, subset: np.ndarray | None) -> np.ndarray:
+    return np.arange(scorer.n) if subset is None else np.asarray(subset)
+
+
+def search_objective(
+    scorer: TripletScorer,
+    space: dict[str, Any],
+    groups: np.ndarray | None = None,
+    subset: np.ndarray | None = None,
+) -> Callable[[optuna.Trial], float]:
+    """The study's objective: mean Kaggle dice over ``subset`` of the suggested triplet (one
+    per group present in ``subset``, parameters prefixed ``<group>/``)."""
+    idx = _subset(scorer, subset)
+    names = None if groups is None else sorted({str(g) for g in np.asarray(groups)[idx]})
+
+    def objective(trial: optuna.Trial) -> float:
+        if names is None:
+            return scorer.score(suggest_triplet(trial, space), idx)
+        triplets = {g: suggest_triplet(trial, space, f"{g}/") for g in names}
+        return float(grouped_dice(scorer, groups, triplets, idx).mean())
+
+    return objective
+
+
+def select_triplets(
+    study: optuna.Study,
+    scorer: TripletScorer,
+    settings: SearchSettings,
+    groups: np.ndarray | None = None,
+    subset: np.ndarray | None = None,
+) -> tuple[PostProcess, dict[str, Any]]:
+    """The deployed choice on ``subset``: the study's best triplet or, when better, the grid's
+    (per group: the score adds up over groups, so each group keeps its better one; the default
+    triplet, for groups never seen, is the ungrouped grid optimum). Returns the post-processing
+    and a report (``score``, ``selected``, ``optuna_best_score``, ``exhaustive`` ...)."""
+    idx = _subset(scorer, subset)
+    report: dict[str, Any] = {"optuna_best_score": float(study.best_value)}
+    t0 = time.perf_counter()
+    if groups is None:
+        best = triplet_from_params(study.best_params, settings.space)
+        post, score, selected = PostProcess(best), float(study.best_value), "optuna"
+        report["optuna"] = asdict(best)
+        if settings.exhaustive:
+            ex_best, ex_score = exhaustive_best(scorer, settings.areas, settings.gates, idx)
+            report["exhaustive"] = asdict(ex_best) | {"score": ex_score}
+            if ex_score > score:
+                post, score, selected = PostProcess(ex_best), ex_score, "exhaustive"
+    else:
+        labels = np.asarray(groups)
+        names = sorted({str(g) for g in labels[idx]})
+        default = exhaustive_best(scorer, settings.areas, settings.gates, idx)[0]
+        chosen: dict[str, Triplet] = {}
+        picked: dict[str, str] = {}
+        candidates: dict[str, dict[str, Any]] = {}
+        for g in names:
+            mine = idx[labels[idx] == g]
+            chosen[g] = triplet_from_params(study.best_params, settings.space, f"{g}/")
+            picked[g] = "optuna"
+            candidates[g] = {"optuna": asdict(chosen[g])}
+            if settings.exhaustive:
+                ex_best, ex_score = exhaustive_best(scorer, settings.areas, settings.gates, mine)
+                candidates[g]["exhaustive"] = asdict(ex_best)
+                if ex_score > scorer.score(chosen[g], mine):
+                    chosen[g], picked[g] = ex_best, "exhaustive"
+        post = PostProcess(default, settings.group_by, chosen)
+        score = float(grouped_dice(scorer, labels, chosen, idx).mean())
+        kinds = set(picked.values())
+        selected = kinds.pop() if len(kinds) == 1 else "mixed"
+        report["group_selected"] = picked
+        report["group_candidates"] = candidates
+        report["group_sizes"] = {g: int((labels[idx] == g).sum()) for g in names}
+        if settings.exhaustive:
+            report["exhaustive"] = {"score": score}
+    if "exhaustive" in report:
+        report["exhaustive"] |= {
+            "areas": list(settings.areas),
+            "gates": len(settings.gates),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    report |= {"score": score, "selected": selected}
+    return post, report
+
+
+def tune(
+    scorer: TripletScorer,
+    settings: SearchSettings,
+    groups: np.ndarray | None = None,
+    subset: np.ndarray | None = None,
+) -> tuple[PostProcess, dict[str, Any]]:
+    """The whole deployed search on ``subset`` with a fresh in-memory study (cross-fitting)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
+    )
+    study.optimize(search_objective(scorer, settings.space, groups, subset), settings.trials)
+    return select_triplets(study, scorer, settings, groups, subset)

@@ -186,21 +186,31 @@ def _score(tags: dict[str, str], key: str) -> float | None:
     return value if value == value else None  # NaN -> None
 
 
+HONEST_SCORES = ("kaggle_dice_untouched", "kaggle_dice_cross_fitted")  # preferred first
+
+
 def auto_promote(client: MlflowClient, name: str, version: str) -> tuple[bool, str]:
-    """Promote ``version`` when there is no champion or its cross-fitted score is higher."""
+    """Promote ``version`` when there is no champion or its honest score is higher: the
+    untouched score when both versions have one, else the cross-fitted one."""
     with mlflow_errors("auto-promote"):
         _, current = _history(registered_model(client, name))
-        new = _score(client.get_model_version(name, version).tags, "kaggle_dice_cross_fitted")
+        new_tags = client.get_model_version(name, version).tags
         if current is None:
             promote(client, name, version)
             return True, "no champion yet"
-        old = _score(client.get_model_version(name, current).tags, "kaggle_dice_cross_fitted")
+        old_tags = client.get_model_version(name, current).tags
+    key = next(
+        (k for k in HONEST_SCORES if None not in (_score(new_tags, k), _score(old_tags, k))),
+        HONEST_SCORES[-1],
+    )
+    new, old = _score(new_tags, key), _score(old_tags, key)
+    what = key.removeprefix("kaggle_dice_").replace("_", "-")
     if new is not None and (old is None or new > old):
         promote(client, name, version)
         was = "n/a" if old is None else f"{old:.4f}"
-        return True, f"cross-fitted dice {new:.4f} beats champion v{current} ({was})"
+        return True, f"{what} dice {new:.4f} beats champion v{current} ({was})"
     shown = "n/a" if new is None else f"{new:.4f}"
-    return False, f"cross-fitted dice {shown} does not beat champion v{current}"
+    return False, f"{what} dice {shown} does not beat champion v{current}"
 
 
 def _time(ms: int | None) -> str:
@@ -228,6 +238,7 @@ def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
                 "git_commit": tags.get("git_commit", ""),
                 "kaggle_dice": _score(tags, "kaggle_dice"),
                 "kaggle_dice_cross_fitted": _score(tags, "kaggle_dice_cross_fitted"),
+                "kaggle_dice_untouched": _score(tags, "kaggle_dice_untouched"),
                 "run_id": mv.run_id,
                 "status": mv.status,
             }
@@ -286,7 +297,7 @@ def _fmt(value: float | None) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The terminal table of :func:`list_versions`."""
-    header = ("version", "aliases", "created", "commit", "kaggle_dice", "cross_fitted")
+    header = ("version", "aliases", "created", "commit", "kaggle_dice", "cross_fitted", "untouched")
     body = [
         (
             r["version"],
@@ -295,6 +306,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             (r["git_commit"] or "-")[:10],
             _fmt(r["kaggle_dice"]),
             _fmt(r["kaggle_dice_cross_fitted"]),
+            _fmt(r["kaggle_dice_untouched"]),
         )
         for r in rows
     ]

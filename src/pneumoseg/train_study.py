@@ -144,6 +144,16 @@ def make_pruner(cfg: StudyParams) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def trial_selection(params: Params) -> dict[str, Any]:
+    """The images that score a study's trials: the pipeline's ``train.selection``, except that
+    a pipeline without one (``mode: none``) gets the inner split (a trial needs a score)."""
+    sel = params.train.selection
+    return {
+        "mode": "inner" if sel.mode == "none" else sel.mode,
+        "inner_fraction": sel.inner_fraction,
+    }
+
+
 def trial_params(
     params: Params, cfg: StudyParams, values: dict[str, Any], trial_dir: Path, experiment: str
 ) -> Params:
@@ -155,6 +165,7 @@ def trial_params(
     for path, value in [*cfg.budget.items(), *values.items()]:
         set_path(raw, path, value)
     raw["train"]["folds"] = list(cfg.folds)
+    raw["train"]["selection"] = trial_selection(params)
     for key in ("models_dir", "work_dir", "metrics_dir", "plots_dir"):
         raw["train"][key] = str(trial_dir / key.removesuffix("_dir"))
     raw["mlflow"]["experiment"] = experiment
@@ -235,6 +246,8 @@ class StudyRunner:
             self.study.set_user_attr("space_digest", digest)
             self.study.set_user_attr("metric", self.cfg.metric)
             self.study.set_user_attr("space", sorted(self.cfg.space))
+            selection = trial_selection(self.params) | {"seed": self.params.train.seed}
+            self.study.set_user_attr("selection", selection | {"folds": list(self.cfg.folds)})
         elif stored != digest:
             raise ValueError(
                 f"study {self.name}: the stored study was run with another space, budget, folds "
@@ -618,10 +631,12 @@ def best_values(study: Any, name: str) -> dict[str, Any]:
 
 
 def yaml_scalar(value: Any) -> str:
-    """``value`` as a one-line YAML scalar (``1.25``, ``linear``, ``true``, ``null``)."""
+    """``value`` as one line of YAML (``1.25``, ``linear``, ``true``, ``null``, or a flow
+    collection such as ``[{name: a, trial: 3}]``)."""
     import yaml
 
-    return yaml.safe_dump(value, default_flow_style=True, width=4096).split("\n", 1)[0]
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False)
+    return text.removesuffix("\n...\n").split("\n", 1)[0]
 
 
 def _scalar_end(line: str, col: int, flow: bool) -> int:
@@ -669,17 +684,47 @@ def edit_yaml_scalars(text: str, values: dict[str, Any]) -> tuple[str, list[tupl
                 "`study apply` can set it in place"
             )
         old = parent[last]
-        if isinstance(old, (dict, list)):
-            raise ValueError(f"params file: {key} is a mapping or list, not a single value")
         line, col = parent.lc.value(last) if isinstance(parent, dict) else parent.lc.item(last)
-        flow = bool(parent.fa.flow_style())
-        edits.append((line, col, flow, yaml_scalar(value)))
+        if isinstance(old, (dict, list)):
+            if _flow_end(lines[line], col) is None:
+                raise ValueError(
+                    f"params file: {key} is a mapping or list over several lines; write it "
+                    "in flow style on one line (e.g. [] or {}) so `study apply` can set it"
+                )
+            edits.append((line, col, None, yaml_scalar(value)))
+        else:
+            edits.append((line, col, bool(parent.fa.flow_style()), yaml_scalar(value)))
         changes.append((key, old, value))
     for line, col, flow, new in sorted(edits, reverse=True):
         text_line = lines[line]
-        end = _scalar_end(text_line, col, flow)
+        end = _flow_end(text_line, col) if flow is None else _scalar_end(text_line, col, flow)
         lines[line] = text_line[:col] + new + text_line[end:]
     return "".join(lines), changes
+
+
+def _flow_end(line: str, col: int) -> int | None:
+    """End column of the one-line flow collection (``[...]``, ``{...}``) starting at ``col``;
+    None when there is none or it continues on another line."""
+    if line[col : col + 1] not in ("[", "{"):
+        return None
+    depth, quote, i = 0, "", col
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == "\\" and quote == '"':
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
 
 
 def apply_to_file(path: Path, values: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -688,7 +733,13 @@ def apply_to_file(path: Path, values: dict[str, Any]) -> list[tuple[str, Any, An
     import yaml
     from pydantic import ValidationError
 
-    new_text, changes = edit_yaml_scalars(path.read_text(), values)
+    text = path.read_text()
+    if PROVENANCE_KEY in values and get_path(yaml.safe_load(text), PROVENANCE_KEY) is MISSING:
+        text = (
+            text.rstrip("\n")
+            + "\n\nprovenance:  # written by `pneumoseg study apply`\n  studies: []\n"
+        )
+    new_text, changes = edit_yaml_scalars(text, values)
     data = yaml.safe_load(new_text)
     for key, value in values.items():  # the edit must read back as exactly these values
         if get_path(data, key) != value:
@@ -703,6 +754,40 @@ def apply_to_file(path: Path, values: dict[str, Any]) -> list[tuple[str, Any, An
     return changes
 
 
+PROVENANCE_KEY = "provenance.studies"
+
+
+def hydra_value(value: Any) -> str:
+    """``value`` in the override grammar of ``dvc exp run -S`` (Hydra's): ``{key:value}``
+    with bare keys, quoted strings, ``[a,b]`` lists."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return json.dumps(value)  # numbers, true/false, null
+
+
+def applied_record(params: Params, name: str, study: Any) -> list[dict[str, Any]]:
+    """``provenance.studies`` after applying study ``name``: its entry (the best trial, the
+    folds and images that scored the trials) replaces an earlier one of the same name."""
+    best = study.best_trial
+    seen = study.user_attrs.get("selection")  # studies from before it was recorded: held_out
+    seen = seen or {"mode": "held_out", "folds": list(study_config(params, name).folds)}
+    entry = {
+        "name": name,
+        "trial": best.number,
+        "value": best.value,
+        "folds": list(seen["folds"]),
+        "selection": seen["mode"],
+        "inner_fraction": seen.get("inner_fraction", params.train.selection.inner_fraction),
+        "seed": seen.get("seed", params.train.seed),
+    }
+    others = [s.model_dump(mode="json") for s in params.provenance.studies if s.name != name]
+    return [*others, entry]
+
+
 def apply(
     params: Params,
     name: str,
@@ -714,16 +799,18 @@ def apply(
     study = load_study(params, name, storage)
     values = best_values(study, name)
     best = study.best_trial
+    applied = applied_record(params, name, study)
     if exp:
         cmd = ["dvc", "exp", "run"]
         for key, value in values.items():
             cmd += ["-S", f"{mlflow_key(key)}={json.dumps(value)}"]
+        cmd += ["-S", f"{PROVENANCE_KEY}={hydra_value(applied)}"]
         print(" ".join(cmd))
         proc = subprocess.run(cmd, check=False)
         if proc.returncode:
             raise RuntimeError(f"study {name}: `dvc exp run` exited with {proc.returncode}")
         return {"trial": best.number, "value": best.value, "values": values, "exp": True}
-    changes = apply_to_file(Path(params_file), values)
+    changes = apply_to_file(Path(params_file), values | {PROVENANCE_KEY: applied})
     print(f"{params_file}: best trial {best.number} of study {name} (value {best.value:.4f})")
     for key, old, new in changes:
         print(f"  {key}: {_fmt(old)} -> {_fmt(new)}")

@@ -72,8 +72,8 @@ def upload_fold(params: Params, fold: int, progress: bool = True) -> str | None:
         raise RuntimeError("MLflow is still unreachable (see the warning above); try again later")
     tracker.log_params(flatten(stage_values(params, "train")))
     tracker.log_rows(history)
-    final = {k.replace("val_", "final_", 1): v for k, v in result.get("final", {}).items()}
-    tracker.log_metrics(final, step=len(history))
+    final = {k.replace("val_", "final_", 1): v for k, v in (result.get("final") or {}).items()}
+    tracker.log_metrics(final | (result.get("heldout") or {}), step=len(history))
     for name in ("learning_curves.png", "val_overlays.png", "history.csv"):
         if (plots / name).is_file():
             tracker.log_artifact(plots / name, "plots")

@@ -17,6 +17,7 @@ from pneumoseg.artifacts import (
     open_oof_arrays,
     read_folds,
     write_oof_ids,
+    write_oof_models,
 )
 from pneumoseg.data import read_gray
 from pneumoseg.inference import Ensemble, fold_model_files, to_uint8_probs
@@ -69,5 +70,16 @@ def run(params: Params, progress: bool = True) -> Path:
     if cls_all is not None:
         np.save(out / "cls.npy", cls_all)
     write_oof_ids(out, order)
+    write_oof_models(
+        out,
+        {
+            k: {
+                "files": [str(f) for f in e.files],
+                "selection": e.metas[0].get("selection", {"mode": "held_out"}),
+                "mlflow_run_id": e.metas[0].get("mlflow_run_id"),
+            }
+            for k, e in ensembles.items()
+        },
+    )
     print(f"oof: {len(order)} images from folds {trained} at {size}px -> {out}/probs.npy")
     return out

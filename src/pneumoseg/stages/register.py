@@ -142,6 +142,7 @@ def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str,
         "params_hash": info["params_hash"],
         "kaggle_dice": str(ev.get("kaggle_dice")),
         "kaggle_dice_cross_fitted": str(ev.get("kaggle_dice_cross_fitted")),
+        "kaggle_dice_untouched": str(ev.get("kaggle_dice_untouched")),
         "empty_baseline": str(ev.get("empty_baseline")),
         "training_run_ids": ",".join(info["training_runs"].values()),
         "folds": ",".join(str(k) for k in params.train.folds),
@@ -173,7 +174,13 @@ def log_and_register(params: Params, info: dict[str, Any], uri: str) -> tuple[An
     ev = info["evaluate"]
     metrics = {
         k: float(ev[k])
-        for k in ("kaggle_dice", "kaggle_dice_cross_fitted", "empty_baseline", "dice_pos")
+        for k in (
+            "kaggle_dice",
+            "kaggle_dice_cross_fitted",
+            "kaggle_dice_untouched",
+            "empty_baseline",
+            "dice_pos",
+        )
         if isinstance(ev.get(k), (int, float))
     }
     with (
@@ -250,6 +257,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         "champion": str(champion) if champion is not None else None,
         "kaggle_dice": ev.get("kaggle_dice"),
         "kaggle_dice_cross_fitted": ev.get("kaggle_dice_cross_fitted"),
+        "kaggle_dice_untouched": ev.get("kaggle_dice_untouched"),
         "git_commit": info["git"]["git_commit"],
         "data_hash": info["data_hash"],
         "params_hash": info["params_hash"],

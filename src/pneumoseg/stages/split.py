@@ -6,14 +6,9 @@ import csv
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from pneumoseg.artifacts import MANIFEST, write_folds
+from pneumoseg.folds import SplitError, stratified_folds
 from pneumoseg.params import Params
-
-
-class SplitError(ValueError):
-    """The manifest cannot be split as asked."""
 
 
 def read_train_labels(manifest: str | Path) -> dict[str, int]:
@@ -27,22 +22,6 @@ def read_train_labels(manifest: str | Path) -> dict[str, int]:
                 raise SplitError(f"{manifest} line {line_no}: has_mask must be 0 or 1")
             labels[row["ImageId"]] = int(row["has_mask"])
     return labels
-
-
-def stratified_folds(labels: dict[str, int], n_folds: int, seed: int) -> dict[str, int]:
-    """Assign folds so each has (nearly) the same count of each label; same seed, same folds."""
-    if len(labels) < n_folds:
-        raise SplitError(f"{len(labels)} training images cannot fill {n_folds} folds")
-    rng = np.random.default_rng(seed)
-    folds: dict[str, int] = {}
-    offset = 0
-    for label in sorted(set(labels.values())):
-        ids = sorted(i for i, v in labels.items() if v == label)
-        order = rng.permutation(len(ids))
-        for rank, idx in enumerate(order):
-            folds[ids[idx]] = (offset + rank) % n_folds
-        offset += len(ids)  # continue the round robin so fold sizes stay balanced overall
-    return folds
 
 
 def run(params: Params, progress: bool = True) -> dict[str, int]:

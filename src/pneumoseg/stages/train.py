@@ -31,6 +31,7 @@ from tqdm import tqdm
 from pneumoseg.artifacts import read_folds
 from pneumoseg.augment import build_train_transform
 from pneumoseg.data import SegDataset
+from pneumoseg.folds import FoldImages
 from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
 from pneumoseg.models import average_state_dicts, build_model, forward, save_model_file
@@ -132,6 +133,20 @@ def make_scheduler(optimizer: torch.optim.Optimizer, part: PartParams, mode: str
     return lr_sched.SequentialLR(optimizer, [warmup, main], milestones=[warm])
 
 
+def val_row(losses: dict[str, float], m: dict[str, float], prefix: str = "val_") -> dict[str, Any]:
+    """The validation columns of a history row (or of a final-metrics record)."""
+    return {
+        f"{prefix}loss": losses["loss"],
+        **{f"{prefix}{k}": v for k, v in losses.items() if k != "loss"},
+        f"{prefix}kaggle_dice": m["kaggle_dice"],
+        f"{prefix}kaggle_dice_area": m["kaggle_dice_area"],
+        f"{prefix}dice_pos": m["dice_pos"],
+        f"{prefix}iou_pos": m["iou_pos"],
+        f"{prefix}empty_acc": m["empty_acc"],
+        f"{prefix}pos_acc": m["pos_acc"],
+    }
+
+
 def _dist_from_env() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -211,10 +226,9 @@ class FoldTrainer:
             torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         )
         folds = read_folds(params.split.out)
-        self.train_ids = sorted(i for i, (f, _) in folds.items() if f != fold)
-        self.val_ids = sorted(i for i, (f, _) in folds.items() if f == fold)
-        if not self.val_ids or not self.train_ids:
-            raise ValueError(f"train: fold {fold} leaves an empty train or validation set")
+        sel = self.cfg.selection
+        self.images = FoldImages.of(folds, fold, sel.mode, sel.inner_fraction, self.cfg.seed)
+        self.train_ids, self.val_ids = self.images.train, self.images.select
         self.positive = np.array([folds[i][1] == 1 for i in self.train_ids])
         self.work = Path(self.cfg.work_dir) / f"fold{fold}"
         self.out = Path(self.cfg.models_dir) / f"fold{fold}"
@@ -223,10 +237,15 @@ class FoldTrainer:
         self.params_hash = stage_digest(params, "train")
         self.run_key = f"{self.params_hash}|{self.data_hash}|fold{fold}"
         self.tracker = Tracker(params.mlflow, enabled=self.dist.main)
-        self.mode = self.cfg.checkpoint.mode
+        # without a selection split the top-k are simply the last k epochs of each part
+        self.monitor = self.cfg.checkpoint.monitor if self.val_ids else "epoch"
+        self.mode = self.cfg.checkpoint.mode if self.val_ids else "max"
 
     # ----------------------------------------------------------------------------- data
-    def _loaders(self, size: int, sampler: SampleRateSampler) -> tuple[DataLoader, DataLoader]:
+    def _loaders(
+        self, size: int, sampler: SampleRateSampler
+    ) -> tuple[DataLoader, DataLoader | None]:
+        """The training loader and the selection split's (None without one)."""
         cfg, root = self.cfg, self.params.data.processed_dir
         train_ds = SegDataset(
             self.train_ids,
@@ -236,12 +255,18 @@ class FoldTrainer:
             transform=build_train_transform(cfg.augment, size),
             cache=cfg.workers == 0,
         )
-        val_ds = SegDataset(self.val_ids, root, size, cfg.model.in_channels, cache=True)
+        train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, **self._common())
+        return train, self._eval_loader(self.val_ids, size) if self.val_ids else None
+
+    def _common(self) -> dict[str, Any]:
         pin = self.device.type == "cuda"
-        common = {"num_workers": cfg.workers, "pin_memory": pin, "persistent_workers": False}
-        train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, **common)
-        val = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, **common)
-        return train, val
+        return {"num_workers": self.cfg.workers, "pin_memory": pin, "persistent_workers": False}
+
+    def _eval_loader(self, ids: list[str], size: int) -> DataLoader:
+        ds = SegDataset(
+            ids, self.params.data.processed_dir, size, self.cfg.model.in_channels, cache=True
+        )
+        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, **self._common())
 
     def _plain_train_loader(self, size: int) -> DataLoader:
         ds = SegDataset(
@@ -287,7 +312,7 @@ class FoldTrainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * b
         sums, n = _sum_across_ranks(self.dist, sums, n)
-        return {k: v / max(n, 1) for k, v in sums.items()}
+        return {k: v / max(n, 1) for k, v in sums.items()} | {"items": n}
 
     @torch.no_grad()
     def validate(
@@ -328,6 +353,12 @@ class FoldTrainer:
             "params_hash": self.params_hash,
             "data_hash": self.data_hash,
             "val_threshold": self.cfg.val_threshold,
+            "selection": {
+                "mode": self.cfg.selection.mode,
+                "inner_fraction": self.cfg.selection.inner_fraction,
+                "seed": self.cfg.seed,
+                "n_select": len(self.val_ids),
+            },
         }
 
     def _update_topk(
@@ -493,27 +524,22 @@ class FoldTrainer:
                 in_swa = swa_model is not None and swa_start is not None and e >= swa_start
                 if in_swa:
                     swa_model.update_parameters(model)
-                va, metrics = self.validate(model, val_loader, loss_fn)
-                m = metrics.compute()
+                items = int(tr.pop("items"))
                 row: dict[str, Any] = {
                     "epoch": epoch,
                     "part": p_idx,
                     "size": part.size,
                     "lr": lr,
                     "sample_rate": sampler.achieved_rate,
+                    "train_items": items,
                     "train_loss": tr.pop("loss"),
                     **{f"train_{k}": v for k, v in tr.items()},
-                    "val_loss": va.pop("loss"),
-                    **{f"val_{k}": v for k, v in va.items()},
-                    "val_kaggle_dice": m["kaggle_dice"],
-                    "val_kaggle_dice_area": m["kaggle_dice_area"],
-                    "val_dice_pos": m["dice_pos"],
-                    "val_iou_pos": m["iou_pos"],
-                    "val_empty_acc": m["empty_acc"],
-                    "val_pos_acc": m["pos_acc"],
-                    "epoch_seconds": time.perf_counter() - t0,
                 }
-                monitor = cfg.checkpoint.monitor
+                if val_loader is not None:  # the selection split: decisions only
+                    va, metrics = self.validate(model, val_loader, loss_fn)
+                    row.update(val_row(va, metrics.compute()))
+                row["epoch_seconds"] = time.perf_counter() - t0
+                monitor = self.monitor
                 if monitor not in row:
                     raise ValueError(
                         f"params.yaml: train.checkpoint.monitor: {monitor!r} is not a metric "
@@ -544,20 +570,22 @@ class FoldTrainer:
                 # after the save: a kill before this line logs the epoch at resume, after it
                 # the resumed run sees the step in MLflow and does not log it twice
                 self.tracker.log_rows(state.history)
+                scores = (
+                    f"loss {row['train_loss']:.4f}/{row['val_loss']:.4f} kaggle_dice "
+                    f"{row['val_kaggle_dice']:.4f} dice_pos {row['val_dice_pos']:.4f} "
+                    f"empty_acc {row['val_empty_acc']:.3f}"
+                    if "val_loss" in row
+                    else f"loss {row['train_loss']:.4f}"
+                )
                 log.log(
                     logging.INFO if self.dist.main else logging.DEBUG,
-                    "fold %d epoch %d/%d [part %d, %dpx] loss %.4f/%.4f kaggle_dice %.4f "
-                    "dice_pos %.4f empty_acc %.3f rate %.2f lr %.2e (%.1fs)",
+                    "fold %d epoch %d/%d [part %d, %dpx] %s rate %.2f lr %.2e (%.1fs)",
                     self.fold,
                     epoch,
                     sum(p.epochs for p in cfg.parts),
                     p_idx,
                     part.size,
-                    row["train_loss"],
-                    row["val_loss"],
-                    row["val_kaggle_dice"],
-                    row["val_dice_pos"],
-                    row["val_empty_acc"],
+                    scores,
                     row["sample_rate"],
                     lr,
                     row["epoch_seconds"],
@@ -601,33 +629,50 @@ class FoldTrainer:
         size = cfg.parts[-1].size
         best = self._best_of_part(state, last)
         final_kind = cfg.checkpoint.final
-        blobs = [
-            torch.load(self.work / c["path"], map_location="cpu", weights_only=True) for c in best
-        ]
         _barrier(self.dist)  # rank 0 deletes the work folder at the end
         if final_kind == "swa" and swa_model is not None:
             torch.optim.swa_utils.update_bn(self._plain_train_loader(size), swa_model, self.device)
             weights = swa_model.module.state_dict()
-        elif final_kind == "average_top_k":
-            weights = average_state_dicts([b["state_dict"] for b in blobs])
+        elif final_kind == "last":
+            weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
         else:
-            weights = blobs[0]["state_dict"]
+            blobs = [
+                torch.load(self.work / c["path"], map_location="cpu", weights_only=True)
+                for c in best
+            ]
+            if final_kind == "average_top_k":
+                weights = average_state_dicts([b["state_dict"] for b in blobs])
+            else:
+                weights = blobs[0]["state_dict"]
         model.load_state_dict(weights)
-        sampler = SampleRateSampler(self.positive, cfg.seed)
-        _, val_loader = self._loaders(size, sampler)
-        va, metrics = self.validate(model, val_loader, ComboLoss(cfg.parts[-1].loss))
-        final = metrics.compute() | {"loss": va["loss"]}
-        best_row = next(
-            (r for r in state.history if r["epoch"] == best[0]["epoch"]), state.history[-1]
-        )
+        loss_fn = ComboLoss(cfg.parts[-1].loss)
+        final = None
+        if self.val_ids:  # the selection split's view of the final weights (studies use it)
+            va, m = self.validate(model, self._eval_loader(self.val_ids, size), loss_fn)
+            final = val_row(va, m.compute())
+        # the held-out fold, once every decision is made: what OOF will score
+        hv, held = self.validate(model, self._eval_loader(self.images.held_out, size), loss_fn)
+        held_scores = held.compute()
+        heldout = val_row(hv, held_scores, "heldout_") | {
+            "heldout_empty_baseline": held_scores["empty_baseline"]
+        }
+        best_row = next((r for r in state.history if r["epoch"] == best[0]["epoch"]), None)
         result = {
             "fold": self.fold,
             "mlflow_run_id": state.mlflow_run_id,
+            "selection": {
+                "mode": cfg.selection.mode,
+                "inner_fraction": cfg.selection.inner_fraction,
+                "n_train": len(self.train_ids),
+                "n_select": len(self.val_ids),
+                "n_held_out": len(self.images.held_out),
+            },
             "final_weights": final_kind,
             "best_epoch": best[0]["epoch"],
-            "monitor": cfg.checkpoint.monitor,
-            "best": {k: v for k, v in best_row.items() if k.startswith("val_")},
-            "final": {f"val_{k}": v for k, v in final.items()},
+            "monitor": self.monitor,
+            "best": {k: v for k, v in (best_row or {}).items() if k.startswith("val_")},
+            "final": final,
+            "heldout": heldout,
             "epochs": len(state.history),
             "params_hash": self.params_hash,
             "data_hash": self.data_hash,
@@ -641,16 +686,17 @@ class FoldTrainer:
         save_model_file(self.out / "model.pt", weights, meta)
         for c in state.topk:
             shutil.copy2(self.work / c["path"], self.out / "checkpoints" / c["path"])
-        ckpts = [c | {"monitor": cfg.checkpoint.monitor} for c in state.topk]
+        ckpts = [c | {"monitor": self.monitor} for c in state.topk]
         (self.out / "checkpoints.json").write_text(json.dumps(ckpts, indent=2) + "\n")
         metrics_path = Path(cfg.metrics_dir) / f"fold{self.fold}.json"
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         self._write_history(state.history)
         curves = plot_history(state.history, self.plots / "learning_curves.png", self.fold)
-        overlays = self._overlays(model, metrics, size)
+        overlays = self._overlays(model, held, size)
         tr = self.tracker
-        tr.log_metrics({f"final_{k}": v for k, v in final.items()}, step=len(state.history))
+        finals = {f"final_{k.removeprefix('val_')}": v for k, v in (final or {}).items()}
+        tr.log_metrics(finals | heldout, step=len(state.history))
         tr.set_tags({"best_epoch": str(result["best_epoch"]), "final_weights": final_kind})
         for path in (curves, overlays, self.plots / "history.csv", metrics_path):
             tr.log_artifact(path, "plots" if path.suffix != ".json" else None)
@@ -662,13 +708,13 @@ class FoldTrainer:
         tr.end("FINISHED")
         shutil.rmtree(self.work, ignore_errors=True)
         log.info(
-            "train fold %d done: final (%s) val kaggle_dice %.4f (empty baseline %.4f), "
-            "dice_pos %.4f -> %s; MLflow run %s",
+            "train fold %d done: final weights (%s) on the held-out fold: kaggle_dice %.4f "
+            "(empty baseline %.4f), dice_pos %.4f -> %s; MLflow run %s",
             self.fold,
             final_kind,
-            final["kaggle_dice"],
-            final["empty_baseline"],
-            final["dice_pos"],
+            heldout["heldout_kaggle_dice"],
+            heldout["heldout_empty_baseline"],
+            heldout["heldout_dice_pos"],
             self.out / "model.pt",
             state.mlflow_run_id,
         )
@@ -676,12 +722,12 @@ class FoldTrainer:
 
     @torch.no_grad()
     def _overlays(self, model: nn.Module, metrics: SegMetrics, size: int) -> Path:
-        """Best and worst validation cases of the final model as one PNG grid."""
+        """Best and worst held-out cases of the final model as one PNG grid."""
         dice = metrics.per_image()
         order = np.argsort(dice, kind="stable")
         pick = list(dict.fromkeys([*order[:4].tolist(), *order[::-1][:4].tolist()]))
         ds = SegDataset(
-            self.val_ids, self.params.data.processed_dir, size, self.cfg.model.in_channels
+            self.images.held_out, self.params.data.processed_dir, size, self.cfg.model.in_channels
         )
         model.eval()
         cases = []

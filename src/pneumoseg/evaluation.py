@@ -1,0 +1,147 @@
+"""Honest numbers on the OOF set: cross-fitting, bootstrap intervals and provenance.
+
+Every score says which decisions saw its images:
+
+- ``kaggle_dice``: the deployed thresholds, tuned on all OOF images: in-sample, optimistic.
+- ``kaggle_dice_cross_fitted``: for each held-out fold, the deployed search
+  (:func:`pneumoseg.postprocess.tune`) re-run on the other folds' images, applied to this fold:
+  no threshold saw the image it scores. Other decisions (checkpoint selection on the held-out
+  fold, a study scored on OOF images) may still have seen them.
+- ``kaggle_dice_untouched``: the cross-fitted score over the images that no decision saw at all:
+  the number to expect on new data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pneumoseg.folds import FoldImages
+from pneumoseg.postprocess import SearchSettings, TripletScorer, tune
+
+
+def bootstrap_ci(values: np.ndarray, n: int, seed: int = 0) -> list[float] | None:
+    """95% percentile bootstrap interval of the mean of ``values`` (``n`` resamples, seeded);
+    None without resamples or values."""
+    values = np.asarray(values, dtype=np.float64)
+    if n == 0 or len(values) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def cross_fitted(
+    scorer: TripletScorer,
+    folds: np.ndarray,
+    settings: SearchSettings,
+    groups: np.ndarray | None = None,
+) -> tuple[np.ndarray | None, dict[int, dict[str, Any]]]:
+    """Per-image dice where each fold is scored with the post-processing that the deployed
+    search (same trials, seed, space, grid, groups) finds on the other folds' images; with
+    fewer than two folds there is nothing to cross-fit (None)."""
+    unique = np.unique(folds)
+    if len(unique) < 2:
+        return None, {}
+    dice = np.empty(len(folds))
+    tuned: dict[int, dict[str, Any]] = {}
+    for k in unique:
+        held = np.flatnonzero(folds == k)
+        post, report = tune(scorer, settings, groups, np.flatnonzero(folds != k))
+        dice[held] = post.per_image(scorer, groups, held)
+        tuned[int(k)] = post.as_dict() | {
+            "tuned_score": report["score"],
+            "selected": report["selected"],
+        }
+    return dice, tuned
+
+
+@dataclass
+class Decision:
+    """A choice that shaped the OOF scores, and the OOF images it saw while choosing."""
+
+    name: str
+    how: str
+    saw: set[str] = field(default_factory=set)
+    affects: tuple[str, ...] = ()
+
+    def describe(self, n_oof: int) -> dict[str, Any]:
+        return {
+            "decision": self.name,
+            "how": self.how,
+            "oof_images_seen": len(self.saw),
+            "oof_images": n_oof,
+            "affects": list(self.affects),
+        }
+
+
+ALL_SCORES = ("kaggle_dice", "kaggle_dice_cross_fitted")
+
+
+def decisions(
+    ids: list[tuple[str, int]],
+    models: dict[int, dict[str, Any]],
+    studies: list[Any],
+    folds: dict[str, tuple[int, int]],
+    settings: SearchSettings,
+) -> list[Decision]:
+    """The decisions behind an OOF set: each fold's checkpoint selection (``models``: what
+    ``oof`` recorded from the model files), each applied study (``provenance.studies``), the
+    deployed threshold search and its cross-fitted twin."""
+    oof = {i for i, _ in ids}
+    by_fold: dict[int, set[str]] = {}
+    for i, k in ids:
+        by_fold.setdefault(k, set()).add(i)
+    out: list[Decision] = []
+    selection = {k: (m.get("selection") or {}).get("mode", "held_out") for k, m in models.items()}
+    saw = set().union(*(by_fold.get(k, set()) for k, on in selection.items() if on == "held_out"))
+    hows = ", ".join(f"fold {k}: {on}" for k, on in sorted(selection.items()))
+    out.append(
+        Decision(
+            "checkpoint selection",
+            f"train.selection.mode per fold ({hows}); held_out picks epochs on the images OOF "
+            "scores, inner on a split of the fold's training images, none picks nothing",
+            saw,
+            ALL_SCORES,
+        )
+    )
+    for study in studies:
+        seen: set[str] = set()
+        for f in study.folds:
+            images = FoldImages.of(folds, f, study.selection, study.inner_fraction, study.seed)
+            seen |= set(images.select) & oof
+        out.append(
+            Decision(
+                f"study {study.name} (trial {study.trial})",
+                f"trials scored on the {study.selection} images of folds {list(study.folds)}; "
+                "its values train every fold",
+                seen,
+                ALL_SCORES,
+            )
+        )
+    search = f"Optuna TPE ({settings.trials} trials)" + (
+        " + the exhaustive grid" if settings.exhaustive else ""
+    )
+    out.append(Decision("threshold search", f"{search} on all OOF images", oof, ("kaggle_dice",)))
+    out.append(
+        Decision(
+            "threshold search, cross-fitted",
+            f"the same search per held-out fold, on the other folds' images ({search})",
+            set(),
+        )
+    )
+    return out
+
+
+def untouched(ids: list[tuple[str, int]], found: list[Decision]) -> np.ndarray:
+    """Whether each OOF image was seen by no decision that affects the cross-fitted score."""
+    seen = set().union(*(d.saw for d in found if "kaggle_dice_cross_fitted" in d.affects))
+    return np.array([i not in seen for i, _ in ids], dtype=bool)
+
+
+def untouched_reason(found: list[Decision], n_oof: int) -> str:
+    """Why no OOF image is untouched (the decisions that saw them all)."""
+    names = [d.name for d in found if "kaggle_dice_cross_fitted" in d.affects and d.saw]
+    return f"every OOF image was seen by a decision ({', '.join(names)}) of {n_oof} images"

@@ -215,3 +215,14 @@ def test_light_modules_do_not_import_torch_or_mlflow() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "clean"
+
+
+def test_schema_defaults_are_the_shipped_params(tmp_path: Path) -> None:
+    """One source of defaults: a params file that sets nothing behaves like the shipped one."""
+    from pneumoseg.params import flatten
+
+    shipped = flatten(load_params(ROOT / "params.yaml").model_dump(mode="json"))
+    (tmp_path / "params.yaml").write_text("{}\n")
+    defaults = flatten(load_params(tmp_path / "params.yaml").model_dump(mode="json"))
+    differ = {k for k in shipped.keys() | defaults.keys() if shipped.get(k) != defaults.get(k)}
+    assert not differ, sorted(differ)

@@ -20,14 +20,14 @@ def _schedule(cfg: SampleRateParams, n: int) -> list[float]:
 
 
 def test_constant_schedule() -> None:
-    assert _schedule(SampleRateParams(start=0.4, end=0.1), 3) == [0.4, 0.4, 0.4]
+    assert _schedule(SampleRateParams(start=0.4, end=0.1, shape="constant"), 3) == [0.4, 0.4, 0.4]
 
 
 def test_linear_schedule() -> None:
     cfg = SampleRateParams(start=0.8, end=0.2, shape="linear")
     assert _schedule(cfg, 4) == pytest.approx([0.8, 0.6, 0.4, 0.2])
     assert _schedule(cfg, 1) == [0.8]
-    assert _schedule(SampleRateParams(start=0.3, shape="linear"), 3) == [0.3, 0.3, 0.3]
+    assert _schedule(SampleRateParams(start=0.3, end=None, shape="linear"), 3) == [0.3, 0.3, 0.3]
 
 
 def test_step_schedule() -> None:

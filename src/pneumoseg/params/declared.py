@@ -120,5 +120,3 @@ def digest(values: dict[str, Any]) -> str:
 def stage_digest(params: Any, stage: str) -> str:
     """:func:`digest` of the keys the stage declares: what resume and upload compare."""
     return digest(stage_values(params, stage))
-
-

@@ -56,5 +56,3 @@ def format_validation_error(err: ValidationError, source: str) -> str:
                 message = rest
         lines.append(f"{source}: {path}: {message}")
     return "\n".join(lines)
-
-

@@ -63,8 +63,6 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
             node = node.setdefault(key, {} if not nxt.startswith("[") else [])
 
 
-
-
 def nest(values: dict[str, Any]) -> dict[str, Any]:
     """``{"data.size": 256}`` -> ``{"data": {"size": 256}}`` (the layout of params.yaml)."""
     out: dict[str, Any] = {}

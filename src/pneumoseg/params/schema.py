@@ -92,5 +92,3 @@ def _check_value(base: dict[str, Any], where: str, path: str, value: Any) -> Non
     except ValidationError as err:
         first = format_validation_error(err, "").splitlines()[0].removeprefix(": ")
         raise ValueError(f"{where}: value {value!r} is invalid ({first})") from None
-
-

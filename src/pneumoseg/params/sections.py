@@ -344,5 +344,3 @@ class MlflowParams(Strict):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_location: str = "mlruns/artifacts"
     registered_model: str = "pneumoseg"
-
-

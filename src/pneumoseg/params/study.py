@@ -93,8 +93,6 @@ class ProvenanceParams(Strict):
     studies: list[AppliedStudy] = []
 
 
-
-
 def shipped_studies() -> dict[str, StudyParams]:
     """The study of the shipped params.yaml: combo-loss weights and the sample-rate schedule of
     part 0, on a reduced 12-epoch first part, scored on fold 0."""

@@ -2,7 +2,7 @@
 
 pneumoseg side: a temp project (synthetic 256 px processed PNGs + folds.csv + a params.yaml
 derived from the repo's, paths inside the temp dir), a real :class:`FoldTrainer` and its real
-``_loaders`` (SegDataset with its cache, albumentations, SampleRateSampler) and ``train_epoch``
+``make_part`` (SegDataset with its cache, albumentations, SampleRateSampler) and ``train_epoch``
 (ComboLoss, autocast/GradScaler, channels_last, CPU deterministic mode as FoldTrainer sets it),
 plus the per-epoch ``Tracker.log_metrics`` batch into a real sqlite MLflow store.
 
@@ -64,8 +64,8 @@ from pneumoseg.folds import stratified_folds  # noqa: E402
 from pneumoseg.losses import ComboLoss  # noqa: E402
 from pneumoseg.models import build_model  # noqa: E402
 from pneumoseg.params import Params, flatten, load_params, stage_values  # noqa: E402
-from pneumoseg.sampling import SampleRateSampler  # noqa: E402
-from pneumoseg.stages.train import FoldTrainer, make_optimizer, seed_everything  # noqa: E402
+from pneumoseg.training.state import seed_everything  # noqa: E402
+from pneumoseg.training.trainer import FoldTrainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAN_FILL = False  # --nan-fill
@@ -220,11 +220,11 @@ class Bench:
         # ---- pneumoseg side, built exactly as FoldTrainer.run builds it
         seed_everything(seed)
         self.model = build_model(cfg.model).to(tr.device, memory_format=tr.memory_format)
-        self.sampler = SampleRateSampler(tr.positive, cfg.seed + 1000 * FOLD)
-        self.loader, _ = tr._loaders(size, self.sampler)
-        self.loss_fn = ComboLoss(self.part.loss)
-        self.optimizer = make_optimizer(cfg, self.model, self.part.lr)
-        self.scaler = torch.amp.GradScaler(tr.device.type, enabled=tr.amp)
+        tr.model = tr.ddp_model = self.model
+        self.bench_part = tr.make_part(0, self.part, 1)
+        self.sampler = self.bench_part.sampler
+        self.loader = self.bench_part.train_loader
+        self.optimizer = self.bench_part.optimizer
         run_id = tr.tracker.start(f"bench-{size}px", {"stage": "bench"})
         if run_id is None:
             raise RuntimeError("MLflow tracker did not start (see the warning above)")
@@ -263,9 +263,8 @@ class Bench:
         c0, t0 = time.process_time(), time.perf_counter()
         self.sampler.set_epoch(epoch, self.part.sample_rate.start)
         with self.clock.epoch(steps):
-            tr = self.trainer.train_epoch(
-                self.model, self.loader, self.loss_fn, self.optimizer, self.scaler, f"e{epoch}"
-            )
+            tr = self.trainer.train_epoch(self.bench_part, f"e{epoch}")
+            tr.pop("items")
         t1 = time.perf_counter()
         self.trainer.tracker.log_metrics(self._row(tr, t1 - t0), step=epoch)
         t2, c2 = time.perf_counter(), time.process_time()
@@ -358,7 +357,7 @@ def run_size(root: Path, size: int, rate: float, epochs: int, profile: int) -> d
         f"{len(b.trainer.train_ids)} train images, channels_last={b.params.train.channels_last}, "
         f"amp active={b.trainer.amp}, CPU deterministic mode (FoldTrainer)={b.deterministic} "
         f"(NaN fill {b.nan_fill}), "
-        f"loss (both sides)={b.loss_fn.weights}; load avg {load()}"
+        f"loss (both sides)={b.bench_part.loss_fn.weights}; load avg {load()}"
     )
     epoch = 1
     b.pneumoseg_epoch(epoch, record=False)  # warm-up: fills the dataset cache, sqlite, allocators

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -114,15 +112,6 @@ def test_train_records_everything_and_parts_hand_over(data_dir: Path, tmp_path: 
     assert not (project / "checkpoints/fold0").exists()  # resume state cleaned up
 
 
-def saved_epochs(state: Path) -> int:
-    """Epochs recorded in a resume state (-1 while it cannot be read)."""
-    try:
-        blob = torch.load(state, map_location="cpu", weights_only=False)
-    except Exception:
-        return -1
-    return len(blob["run"]["history"])
-
-
 # Two parts; SWA over the last two epochs of part 1 (global epochs 6 and 7).
 MID_PART = {
     "train": {
@@ -144,24 +133,18 @@ MID_PART = {
 
 
 def kill_after(project: Path, fold: int, epochs: int) -> dict:
-    """Start `pneumoseg train`, kill -9 it as soon as its resume state holds ``epochs``
-    epochs; returns that state's run record."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pneumoseg", "-q", "train", "--fold", str(fold)],
+    """Run `pneumoseg train` in a process that kill -9s itself right after its resume state
+    holds ``epochs`` epochs (tests/kill_at.py); returns that state's run record."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "kill_at.py"), str(epochs)]
+        + ["-q", "train", "--fold", str(fold)],
         cwd=project,
         env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
     )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     state = project / f"checkpoints/fold{fold}/last.pt"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and saved_epochs(state) >= epochs:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     return torch.load(state, map_location="cpu", weights_only=False)["run"]
 
 
@@ -213,18 +196,18 @@ def test_a_kill_while_saving_loses_no_checkpoint_and_logs_no_epoch_twice(
     ran twice is logged once."""
     from pipeline_helpers import cli
 
-    from pneumoseg.stages import train
+    from pneumoseg.training.state import ResumeStore, RunState
 
     project = clone(data_dir, tmp_path / "evict")
     set_params(project, {"train": {"checkpoint": {"top_k": 1, "monitor": "epoch", "mode": "max"}}})
-    original = train.FoldTrainer._save_state
+    original = ResumeStore.save
 
-    def dies_at_epoch_two(self: train.FoldTrainer, state: train.RunState, torch_state: dict):
+    def dies_at_epoch_two(self: ResumeStore, state: RunState, torch_state: dict) -> None:
         if len(state.history) == 2:
             raise KeyboardInterrupt("killed while saving")
         return original(self, state, torch_state)
 
-    monkeypatch.setattr(train.FoldTrainer, "_save_state", dies_at_epoch_two)
+    monkeypatch.setattr(ResumeStore, "save", dies_at_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         cli("-q", "train", "--fold", "0", cwd=project)
     saved = torch.load(project / "checkpoints/fold0/last.pt", weights_only=False)["run"]
@@ -232,7 +215,7 @@ def test_a_kill_while_saving_loses_no_checkpoint_and_logs_no_epoch_twice(
     listed = [c["path"] for c in saved["topk"]]
     assert listed == ["part0-epoch001.pt"]
     assert all((project / "checkpoints/fold0" / name).is_file() for name in listed)
-    monkeypatch.setattr(train.FoldTrainer, "_save_state", original)
+    monkeypatch.setattr(ResumeStore, "save", original)
     cli("-q", "train", "--fold", "0", cwd=project)
     ckpts = json.loads((project / "models/folds/fold0/checkpoints.json").read_text())
     assert [(c["part"], c["epoch"]) for c in ckpts] == [(0, 2), (1, 4)]

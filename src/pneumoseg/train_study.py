@@ -361,7 +361,7 @@ class StudyRunner:
         """Train the study's folds with the trial's values; the mean final validation metric."""
         import optuna
 
-        from pneumoseg.stages.train import FoldTrainer
+        from pneumoseg.training.trainer import FoldTrainer
 
         trial.set_user_attr("worker", self.worker)
         values = {path: suggest(trial, path, d) for path, d in self.cfg.space.items()}

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pneumoseg.params import Params, flatten, stage_digest, stage_values
-from pneumoseg.tracking import Tracker, pip_freeze
+from pneumoseg.tracking import Tracker
+from pneumoseg.training.record import log_fold_record
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,7 @@ def upload_fold(params: Params, fold: int, progress: bool = True) -> str | None:
             f"{metrics_path}: trained with params {result.get('params_hash')}, params.yaml now "
             f"gives {params_hash}; check out the params of that training to upload it"
         )
-    plots = Path(cfg.plots_dir) / f"fold{fold}"
-    model_dir = Path(cfg.models_dir) / f"fold{fold}"
-    history = read_history(plots / "history.csv")
+    history = read_history(Path(cfg.plots_dir) / f"fold{fold}" / "history.csv")
     tracker = Tracker(params.mlflow)
     tags = {
         "stage": "train",
@@ -64,26 +63,14 @@ def upload_fold(params: Params, fold: int, progress: bool = True) -> str | None:
         "params_hash": params_hash,
         "data_hash": str(result.get("data_hash")),
         "uploaded_after_tracking_failure": "true",
-        "best_epoch": str(result.get("best_epoch")),
-        "final_weights": str(result.get("final_weights")),
     }
     run_id = tracker.start(f"train-fold{fold}", tags)
     if run_id is None:
         raise RuntimeError("MLflow is still unreachable (see the warning above); try again later")
     tracker.log_params(flatten(stage_values(params, "train")))
     tracker.log_rows(history)
-    final = {k.replace("val_", "final_", 1): v for k, v in (result.get("final") or {}).items()}
-    tracker.log_metrics(final | (result.get("heldout") or {}), step=len(history))
-    for name in ("learning_curves.png", "val_overlays.png", "history.csv"):
-        if (plots / name).is_file():
-            tracker.log_artifact(plots / name, "plots")
-    for name in ("model.pt", "checkpoints.json"):
-        if (model_dir / name).is_file():
-            tracker.log_artifact(model_dir / name, "model")
-    tracker.log_dict(stage_values(params, "train"), "params.yaml")
-    tracker.log_text(pip_freeze() + "\n", "environment/requirements.txt")
     result["mlflow_run_id"] = run_id
-    tracker.log_text(json.dumps(result, indent=2, sort_keys=True) + "\n", metrics_path.name)
+    log_fold_record(tracker, params, fold, result, len(history), model=True)
     tracker.end("FINISHED")
     if tracker.failed:
         raise RuntimeError("MLflow failed during the upload (see the warning above)")

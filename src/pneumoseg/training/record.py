@@ -1,0 +1,167 @@
+"""The end of a fold's training: its final weights (best, average of the top-k, last or SWA),
+their scores, and the record every later stage and ``pneumoseg upload`` rely on:
+``models/fold<k>/`` (model.pt, checkpoints), ``metrics/fold<k>.json``, ``plots/fold<k>/``
+and the MLflow run's final metrics and artifacts (:func:`log_fold_record`, the one place that
+logs them, for a training and for an upload alike)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pneumoseg.data import SegDataset
+from pneumoseg.losses import ComboLoss
+from pneumoseg.metrics import SegMetrics
+from pneumoseg.models import average_state_dicts, forward, save_model_file
+from pneumoseg.params import Params, stage_values
+from pneumoseg.plots import plot_history, save_overlay_grid
+from pneumoseg.tracking import Tracker, pip_freeze
+from pneumoseg.training.callbacks import write_history
+from pneumoseg.training.distributed import unwrap
+
+if TYPE_CHECKING:
+    from pneumoseg.training.trainer import FoldTrainer
+
+log = logging.getLogger("pneumoseg.training")
+
+
+def final_weights(t: FoldTrainer, swa_model: Any) -> dict[str, torch.Tensor]:
+    """``train.checkpoint.final`` of the last part: its best or top-k average checkpoint, the
+    last epoch's weights, or the SWA average (BatchNorm statistics recomputed)."""
+    kind, size = t.cfg.checkpoint.final, t.cfg.parts[-1].size
+    if kind == "swa" and swa_model is not None:
+        loader = t.eval_loader(t.train_ids, size)
+        torch.optim.swa_utils.update_bn(loader, swa_model, t.device)
+        return swa_model.module.state_dict()
+    if kind == "last":
+        return {k: v.detach().clone() for k, v in unwrap(t.model).state_dict().items()}
+    best = t.best_of_part(len(t.cfg.parts) - 1)
+    blobs = [torch.load(t.work / c["path"], map_location="cpu", weights_only=True) for c in best]
+    if kind == "average_top_k":
+        return average_state_dicts([b["state_dict"] for b in blobs])
+    return blobs[0]["state_dict"]
+
+
+def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
+    """Score the final weights (the selection split, then the held-out fold once every
+    decision is made), write the fold's record, log it and delete the resume state."""
+    from pneumoseg.training.trainer import val_row
+
+    cfg, state = t.cfg, t.state
+    size = cfg.parts[-1].size
+    t.dist.barrier()  # rank 0 deletes the work folder at the end
+    weights = final_weights(t, swa_model)
+    model = t.model
+    model.load_state_dict(weights)
+    loss_fn = ComboLoss(cfg.parts[-1].loss)
+    final = None
+    if t.val_ids:  # the selection split's view of the final weights (studies use it)
+        va, m = t.validate(model, t.eval_loader(t.val_ids, size), loss_fn)
+        final = val_row(va, m.compute())
+    hv, held = t.validate(model, t.eval_loader(t.images.held_out, size), loss_fn)
+    held_scores = held.compute()
+    heldout = val_row(hv, held_scores, "heldout_")
+    heldout["heldout_empty_baseline"] = held_scores["empty_baseline"]
+    best = t.best_of_part(len(cfg.parts) - 1)
+    best_row = next((r for r in state.history if r["epoch"] == best[0]["epoch"]), {})
+    result = {
+        "fold": t.fold,
+        "mlflow_run_id": state.mlflow_run_id,
+        "selection": {
+            "mode": cfg.selection.mode,
+            "inner_fraction": cfg.selection.inner_fraction,
+            "n_train": len(t.train_ids),
+            "n_select": len(t.val_ids),
+            "n_held_out": len(t.images.held_out),
+        },
+        "final_weights": cfg.checkpoint.final,
+        "best_epoch": best[0]["epoch"],
+        "monitor": t.monitor,
+        "best": {k: v for k, v in best_row.items() if k.startswith("val_")},
+        "final": final,
+        "heldout": heldout,
+        "epochs": len(state.history),
+        "params_hash": t.params_hash,
+        "data_hash": t.data_hash,
+    }
+    if not t.dist.main:
+        return result
+    if t.out.exists():
+        shutil.rmtree(t.out)
+    (t.out / "checkpoints").mkdir(parents=True)
+    meta = t.meta(size) | {"mlflow_run_id": state.mlflow_run_id, "final": cfg.checkpoint.final}
+    save_model_file(t.out / "model.pt", weights, meta)
+    for c in state.topk:
+        shutil.copy2(t.work / c["path"], t.out / "checkpoints" / c["path"])
+    ckpts = [c | {"monitor": t.monitor} for c in state.topk]
+    (t.out / "checkpoints.json").write_text(json.dumps(ckpts, indent=2) + "\n")
+    metrics_path = Path(cfg.metrics_dir) / f"fold{t.fold}.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_history(state.history, t.plots / "history.csv")
+    plot_history(state.history, t.plots / "learning_curves.png", t.fold)
+    overlays(t, model, held, size)
+    log_fold_record(t.tracker, t.params, t.fold, result, len(state.history), t.log_model)
+    t.tracker.end("FINISHED")
+    t.store.clear()
+    log.info(
+        "train fold %d done: final weights (%s) on the held-out fold: kaggle_dice %.4f "
+        "(empty baseline %.4f), dice_pos %.4f -> %s; MLflow run %s",
+        t.fold,
+        cfg.checkpoint.final,
+        heldout["heldout_kaggle_dice"],
+        heldout["heldout_empty_baseline"],
+        heldout["heldout_dice_pos"],
+        t.out / "model.pt",
+        state.mlflow_run_id,
+    )
+    return result
+
+
+def log_fold_record(
+    tracker: Tracker, params: Params, fold: int, result: dict[str, Any], step: int, model: bool
+) -> None:
+    """A fold's final metrics, tags and artifacts (plots, history, metrics file, model files,
+    the train params and the environment) into its MLflow run."""
+    cfg = params.train
+    plots, out = Path(cfg.plots_dir) / f"fold{fold}", Path(cfg.models_dir) / f"fold{fold}"
+    finals = {f"final_{k.removeprefix('val_')}": v for k, v in (result.get("final") or {}).items()}
+    tracker.log_metrics(finals | (result.get("heldout") or {}), step=step)
+    tags = {"best_epoch": str(result.get("best_epoch")), "final_weights": result["final_weights"]}
+    tracker.set_tags(tags)
+    for name in ("learning_curves.png", "val_overlays.png", "history.csv"):
+        if (plots / name).is_file():
+            tracker.log_artifact(plots / name, "plots")
+    metrics_path = Path(cfg.metrics_dir) / f"fold{fold}.json"
+    tracker.log_text(json.dumps(result, indent=2, sort_keys=True) + "\n", metrics_path.name)
+    if model:
+        for name in ("model.pt", "checkpoints.json"):
+            if (out / name).is_file():
+                tracker.log_artifact(out / name, "model")
+    tracker.log_dict(stage_values(params, "train"), "params.yaml")
+    tracker.log_text(pip_freeze() + "\n", "environment/requirements.txt")
+
+
+@torch.no_grad()
+def overlays(t: FoldTrainer, model: nn.Module, metrics: SegMetrics, size: int) -> Path:
+    """Best and worst held-out cases of the final model as one PNG grid."""
+    dice = metrics.per_image()
+    order = np.argsort(dice, kind="stable")
+    pick = list(dict.fromkeys([*order[:4].tolist(), *order[::-1][:4].tolist()]))
+    ds = SegDataset(t.images.held_out, t.params.data.processed_dir, size, t.cfg.model.in_channels)
+    model.eval()
+    cases = []
+    for i in pick:
+        x, y, _ = ds[i]
+        logits, _ = forward(model, t.to_device(x[None]))
+        prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+        image, _ = ds.load(i)
+        cases.append((image, y[0].numpy(), prob >= t.cfg.val_threshold, float(dice[i])))
+    return save_overlay_grid(cases, t.plots / "val_overlays.png")

@@ -190,7 +190,7 @@ def test_killed_threshold_study_continues(trained: Path, tmp_path: Path) -> None
     proc.wait()
     import optuna
 
-    from pneumoseg.studies import open_storage
+    from pneumoseg.studies.storage import open_storage
 
     (summary,) = optuna.get_all_study_summaries(storage=open_storage(str(journal)))
     done_before = summary.n_trials

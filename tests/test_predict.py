@@ -146,7 +146,7 @@ def test_served_frame_matches_predict(project: Path, dicoms: Path, tmp_path: Pat
     from pneumoseg.dicom import read_dicom
     from pneumoseg.params import load_params
     from pneumoseg.serving import RequestError, predict_frame
-    from pneumoseg.stages.predict import load_model
+    from pneumoseg.commands.predict import load_model
 
     out = tmp_path / "out"
     code, _, stderr = cli(
@@ -193,7 +193,7 @@ def test_served_frame_matches_predict(project: Path, dicoms: Path, tmp_path: Pat
 
 
 def test_find_inputs_sorts_dedupes_and_reports(tmp_path: Path) -> None:
-    from pneumoseg.stages.predict import find_inputs
+    from pneumoseg.commands.predict import find_inputs
 
     for rel in ("b/2.dcm", "a/1.DCM", "c/2.dcm", "a/notes.txt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

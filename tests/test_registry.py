@@ -67,7 +67,7 @@ def download(project: Path, uri: str, dst: Path) -> Path:
     """Download a registered model of the project's store."""
     import mlflow
 
-    from pneumoseg.registry import using_tracking_uri
+    from pneumoseg.tracking import using_tracking_uri
 
     with using_tracking_uri(store(project)):
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))

@@ -16,15 +16,11 @@ from typing import Any
 
 import pytest
 import yaml
-from pipeline_helpers import ROOT, env, pneumoseg, prepared_data, run
+from pipeline_helpers import ROOT, Pipeline, env, pneumoseg, run, set_params
 
 from pneumoseg.params import ParamsError, load_params
-from pneumoseg.train_study import (
-    edit_yaml_scalars,
-    make_sampler,
-    mlflow_key,
-    parse_duration,
-)
+from pneumoseg.studies.runner import make_sampler, mlflow_key, parse_duration
+from pneumoseg.studies.yaml_edit import edit_yaml_scalars
 
 LR = "train.parts[0].lr"
 BCE = "train.parts[0].loss.bce"
@@ -152,9 +148,11 @@ def test_grid_sampler_needs_steps(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ real studies
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def base(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
     overrides = {"studies": {"tiny": TINY_STUDY, "slow": SLOW_STUDY}}
-    return prepared_data(tmp_path_factory.mktemp("study") / "base", overrides)
+    project = tiny_pipeline.copy(tmp_path_factory.mktemp("study") / "base")
+    set_params(project, overrides)
+    return project
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +171,7 @@ def one_thread_env() -> dict[str, str]:
 def load(project: Path, name: str, storage: str | None = None) -> Any:
     import optuna
 
-    from pneumoseg.studies import open_storage
+    from pneumoseg.studies.storage import open_storage
 
     storage = storage or str(project / "optuna/journal.log")
     return optuna.load_study(study_name=name, storage=open_storage(storage))
@@ -277,7 +275,7 @@ def test_apply_exp_runs_a_dvc_experiment(base: Path, tmp_path: Path) -> None:
     """`study apply --exp` runs `dvc exp run -S ...` with the best values."""
     import optuna
 
-    from pneumoseg.studies import open_storage
+    from pneumoseg.studies.storage import open_storage
 
     project = tmp_path / "exp"
     project.mkdir()
@@ -416,7 +414,7 @@ def test_logged_params_have_mlflow_safe_keys() -> None:
 
 
 def test_storage_errors_are_one_line_without_the_password() -> None:
-    from pneumoseg.studies import open_storage
+    from pneumoseg.studies.storage import open_storage
 
     with pytest.raises(RuntimeError) as err:
         open_storage("postgresql://user:secret@127.0.0.1:1/optuna")
@@ -426,7 +424,7 @@ def test_storage_errors_are_one_line_without_the_password() -> None:
 
 
 def test_trial_params_keep_the_first_parts_and_stay_out_of_the_pipeline(tmp_path: Path) -> None:
-    from pneumoseg.train_study import trial_params
+    from pneumoseg.studies.runner import trial_params
 
     params = load_params(ROOT / "params.yaml")
     assert len(params.train.parts) >= 2  # the shipped demo uptrains at 256 px

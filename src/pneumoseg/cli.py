@@ -1,12 +1,15 @@
-"""The ``pneumoseg`` command line: one subcommand per pipeline step.
+"""The ``pneumoseg`` command line: one table of subcommands, each a ``"module:function"``
+(the pipeline's stages in :mod:`pneumoseg.stages`, the other commands in
+:mod:`pneumoseg.commands`), imported only when it runs, so ``--help`` stays fast.
 
-Defaults come from ``params.yaml`` (validated); flags override single keys. Heavy libraries
-(torch, mlflow) are imported only inside the subcommand that runs, so ``--help`` is fast.
+Defaults come from ``params.yaml`` (validated); flags override single keys. Results go to
+stdout, progress and warnings to stderr (logging).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -29,101 +32,23 @@ class Flag:
 
 @dataclass(frozen=True)
 class Command:
+    """A subcommand: ``target`` is the ``"module:function"`` that runs it, imported only when
+    it runs (heavy libraries stay out of ``--help``)."""
+
     help: str
-    runner: Callable[..., Any]
+    target: str
     flags: list[Flag] = field(default_factory=list)
     wants_params_file: bool = False  # the runner also gets params_file= (it edits the file)
 
-
-# Each runner imports its stage module when called (keeps --help and the data tools light).
-def _demo(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import demo
-
-    return demo.run(params, **kw)
-
-
-def _convert(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import convert
-
-    return convert.run(params, **kw)
-
-
-def _split(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import split
-
-    return split.run(params, **kw)
-
-
-def _train(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import train
-
-    return train.run(params, **kw)
-
-
-def _oof(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import oof
-
-    return oof.run(params, **kw)
-
-
-def _thresholds(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import thresholds
-
-    return thresholds.run(params, **kw)
-
-
-def _evaluate(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import evaluate
-
-    return evaluate.run(params, **kw)
-
-
-def _submit(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import submit
-
-    return submit.run(params, **kw)
-
-
-def _score(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import submit
-
-    return submit.run_score(params, **kw)
-
-
-def _register(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import register
-
-    return register.run(params, **kw)
-
-
-def _models(params: Any, **kw: Any) -> Any:
-    from pneumoseg import registry
-
-    return registry.run(params, **kw)
-
-
-def _upload(params: Any, **kw: Any) -> Any:
-    from pneumoseg import upload
-
-    return upload.run(params, **kw)
-
-
-def _study(params: Any, **kw: Any) -> Any:
-    from pneumoseg import train_study
-
-    return train_study.run(params, **kw)
-
-
-def _predict(params: Any, **kw: Any) -> Any:
-    from pneumoseg.stages import predict
-
-    return predict.run(params, **kw)
+    def runner(self) -> Callable[..., Any]:
+        module, _, function = self.target.partition(":")
+        return getattr(importlib.import_module(module), function)
 
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         "generate the synthetic SIIM-like DICOM demo set",
-        _demo,
+        "pneumoseg.stages.demo:run",
         [
             Flag("--out", "demo.out_dir", str, "output folder"),
             Flag("--n-train", "demo.n_train", int, "number of training images"),
@@ -134,7 +59,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "convert": Command(
         "convert DICOMs + RLE csv to PNG images/masks and a manifest",
-        _convert,
+        "pneumoseg.stages.convert:run",
         [
             Flag("--dicom-dir", "data.raw_dir", str, "folder searched recursively for *.dcm"),
             Flag("--rle-csv", "data.rle_csv", str, "training RLE csv (default: in --dicom-dir)"),
@@ -146,7 +71,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "split": Command(
         "assign stratified cross-validation folds",
-        _split,
+        "pneumoseg.stages.split:run",
         [
             Flag("--folds", "split.n_folds", int, "number of folds"),
             Flag("--seed", "split.seed", int, "random seed"),
@@ -155,7 +80,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "train": Command(
         "train one model per fold with MLflow tracking (resumes after a kill)",
-        _train,
+        "pneumoseg.stages.train:run",
         [
             Flag("--fold", "fold", int, "train only this fold (default: all of train.folds)"),
             Flag("--epochs", "train.parts[0].epochs", int, "epochs of the first part"),
@@ -165,7 +90,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "oof": Command(
         "out-of-fold probability maps of every trained fold",
-        _oof,
+        "pneumoseg.stages.oof:run",
         [
             Flag("--size", "oof.size", int, "map size S"),
             Flag("--checkpoints", "oof.checkpoints", str, "final or top_k"),
@@ -173,19 +98,19 @@ COMMANDS: dict[str, Command] = {
     ),
     "thresholds": Command(
         "Optuna search of the post-processing triplet on the OOF maps",
-        _thresholds,
+        "pneumoseg.stages.thresholds:run",
         [
             Flag("--trials", "thresholds.trials", int, "total trials of the study"),
             Flag("--storage", "thresholds.storage", str, "Optuna RDB URL or journal file"),
         ],
     ),
     "evaluate": Command(
-        "OOF evaluation: tuned and cross-fitted Kaggle dice, baseline, intervals",
-        _evaluate,
+        "OOF evaluation: in-sample, cross-fitted and untouched Kaggle dice, with provenance",
+        "pneumoseg.stages.evaluate:run",
     ),
     "submit": Command(
         "predict the test images and write a Kaggle submission csv",
-        _submit,
+        "pneumoseg.stages.submit:run",
         [
             Flag("--out", "submit.out", str, "submission csv"),
             Flag("--dialect", "submit.dialect", str, "relative or absolute RLE"),
@@ -193,7 +118,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "score": Command(
         "Kaggle metric of a submission csv against a ground-truth csv",
-        _score,
+        "pneumoseg.commands.score:run",
         [
             Flag("--submission", "submission", str, "submission csv", required=True),
             Flag("--truth", "truth", str, "ground-truth csv (ImageId, EncodedPixels)", True),
@@ -202,11 +127,11 @@ COMMANDS: dict[str, Command] = {
     ),
     "register": Command(
         "register the fold ensemble + TTA + post-processing as a new MLflow model version",
-        _register,
+        "pneumoseg.stages.register:run",
     ),
     "models": Command(
         "the model registry: list, promote VERSION, rollback, show VERSION",
-        _models,
+        "pneumoseg.commands.models:run",
         [
             Flag(
                 "action",
@@ -221,7 +146,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "predict": Command(
         "predict DICOM files or folders; writes predictions.csv, mask and overlay PNGs",
-        _predict,
+        "pneumoseg.commands.predict:run",
         [
             Flag(
                 "--model",
@@ -236,12 +161,12 @@ COMMANDS: dict[str, Command] = {
     ),
     "upload": Command(
         "put an untracked fold training (MLflow was down) into MLflow from its local record",
-        _upload,
+        "pneumoseg.commands.upload:run",
         [Flag("--fold", "fold", int, "upload only this fold (default: all of train.folds)")],
     ),
     "study": Command(
         "Optuna studies over training params: run (a worker), show, apply the best trial",
-        _study,
+        "pneumoseg.commands.study:run",
         [
             Flag("action", "action", str, "what to do", choices=("run", "show", "apply")),
             Flag("name", "name", str, "study name (a key of studies: in params.yaml)"),
@@ -311,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(redact_text(str(exc)), file=sys.stderr)
         return 2
     try:
-        command.runner(params, progress=not args.quiet, **extra)
+        command.runner()(params, progress=not args.quiet, **extra)
     except (ValueError, RuntimeError, OSError) as exc:
         # Our own error types subclass these; their messages are one line for the user.
         print(f"pneumoseg {args.command}: error: {redact_text(str(exc))}", file=sys.stderr)

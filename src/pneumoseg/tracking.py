@@ -107,6 +107,44 @@ def ensure_experiment(client: Any, cfg: MlflowParams, uri: str, name: str | None
         return str(exp.experiment_id)
 
 
+@contextlib.contextmanager
+def scoped_env(**values: str | None) -> Iterator[None]:
+    """Set (or, with None, unset) environment variables for the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """Point mlflow's fluent API at ``uri`` for the block, then restore the previous state
+    (``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in ``os.environ``)."""
+    import mlflow
+
+    with scoped_env(
+        MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI"),
+        MLFLOW_REGISTRY_URI=os.environ.get("MLFLOW_REGISTRY_URI"),
+    ):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+            mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+
+
 def git_info(cwd: str | Path = ".") -> dict[str, str]:
     """Current commit and dirty flag (``unknown`` outside a git checkout)."""
 

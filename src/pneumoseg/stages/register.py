@@ -1,76 +1,34 @@
 """Stage ``register``: package the fold ensemble + flip TTA + tuned post-processing as ONE MLflow
-model and register it as a new version of ``mlflow.registered_model``.
-
-The model is a pyfunc defined as code (:mod:`pneumoseg.serving.pyfunc_model`, nothing pickled):
-the fold model files, ``postprocess.json`` and the resolved params are its artifacts, the
-``pneumoseg`` package ships as ``code_paths``, requirements are pinned to the installed versions.
-The new version gets the alias ``challenger`` and tags for lineage (git commit, data hash,
-params hash, training run ids) and scores (``kaggle_dice``, ``kaggle_dice_cross_fitted``);
-``champion`` moves only by promotion (or ``registry.auto_promote``). ``registry.out`` records
-the registry entry so ``dvc.lock`` points at it.
+model (:mod:`pneumoseg.serving.package`) and register it as a new version of
+``mlflow.registered_model``, with the alias ``challenger`` and tags for lineage (git commit,
+data hash, params hash, training run ids) and scores; ``champion`` moves only by promotion (or
+``registry.auto_promote``). ``registry.out`` records the registry entry and the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
-import tempfile
-from importlib import metadata
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pneumoseg.params import Params, digest, flatten, nest, stage_values
-from pneumoseg.redact import redact
+from pneumoseg.params import Params, digest, flatten, stage_values
 from pneumoseg.tracking import (
-    MAX_VALUE,
-    ensure_experiment,
+    Tracker,
     lineage_tags,
+    scoped_env,
     store_lock,
     tracking_uri,
+    using_tracking_uri,
 )
 
 log = logging.getLogger(__name__)
 
-# What the served model imports (pinned to the installed versions).
-SERVING_REQUIREMENTS = (
-    "mlflow",
-    "torch",
-    "torchvision",
-    "segmentation-models-pytorch",
-    "timm",
-    "numpy",
-    "pandas",
-    "opencv-python-headless",
-    "pydicom",
-    "pylibjpeg",
-    "pylibjpeg-libjpeg",
-    "pylibjpeg-openjpeg",
-    "pylibjpeg-rle",
-    "pillow",
-    "pyyaml",
-    "pydantic",
-    "tqdm",
-)
-
 
 class RegisterError(RuntimeError):
     """A missing input of the register stage; the message says which stage to run."""
-
-
-def pinned_requirements(names: tuple[str, ...] = SERVING_REQUIREMENTS) -> list[str]:
-    """``name==version`` of each installed distribution (local version labels dropped)."""
-    pins = []
-    for name in names:
-        try:
-            version = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            log.warning("register: %s is not installed; left out of the requirements", name)
-            continue
-        pins.append(f"{name}=={version.split('+')[0]}")
-    return pins
 
 
 def _read_json(path: str | Path, hint: str) -> dict[str, Any]:
@@ -157,87 +115,63 @@ def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str,
     return tags
 
 
-def log_and_register(params: Params, info: dict[str, Any], uri: str) -> tuple[Any, Any]:
-    """Log the pyfunc in a ``register`` run and register it; returns (ModelInfo, ModelVersion)."""
+SCORES = ("kaggle_dice", "kaggle_dice_cross_fitted", "kaggle_dice_untouched", "empty_baseline")
+
+
+def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, Any, Tracker]:
+    """Log the pyfunc in a ``register`` run and register it; (ModelInfo, ModelVersion, run)."""
     import mlflow
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
 
-    import pneumoseg
-    from pneumoseg import registry, serving
+    from pneumoseg import registry
+    from pneumoseg.serving.package import log_pyfunc
 
-    name = params.mlflow.registered_model
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    members = ensemble_files(params)
-    package = Path(pneumoseg.__file__).resolve().parent
-    code_file = Path(serving.__file__).resolve().parent / "pyfunc_model.py"
-    ev = info["evaluate"]
-    metrics = {
-        k: float(ev[k])
-        for k in (
-            "kaggle_dice",
-            "kaggle_dice_cross_fitted",
-            "kaggle_dice_untouched",
-            "empty_baseline",
-            "dice_pos",
+    uri = tracking_uri(params.mlflow)
+    tracker = Tracker(params.mlflow)
+    tags = {"stage": "register", "data_hash": info["data_hash"]}
+    tags["params_hash"] = info["params_hash"]
+    with store_lock(uri), registry.mlflow_errors("register"):
+        if tracker.start("register", tags) is None:
+            raise RegisterError("the MLflow tracking store cannot be reached (see above)")
+        tracker.log_params(flatten(info["params"]))
+        ev = info["evaluate"]
+        tracker.log_metrics(
+            {k: float(ev[k]) for k in (*SCORES, "dice_pos") if isinstance(ev.get(k), float)}, 0
         )
-        if isinstance(ev.get(k), (int, float))
-    }
-    with (
-        tempfile.TemporaryDirectory(prefix="pneumoseg-register-") as tmp,
-        registry.using_tracking_uri(uri),
-        registry.mlflow_errors("register"),
-        store_lock(uri),
-    ):
-        # the settings the served model needs (decode size, CLAHE, TTA, RLE dialect), nested
-        # like params.yaml
-        params_file = Path(tmp) / "params.yaml"
-        params_file.write_text(yaml.safe_dump(redact(nest(info["params"])), sort_keys=False))
-        artifacts = {n: str(p.resolve()) for n, p in members}
-        artifacts[serving.PARAMS_ARTIFACT] = str(params_file)
-        artifacts[serving.POSTPROCESS_ARTIFACT] = str(Path(params.thresholds.out).resolve())
-        run_tags = {
-            "stage": "register",
-            **info["git"],
-            "data_hash": info["data_hash"],
-            "params_hash": info["params_hash"],
-        }
-        exp_id = ensure_experiment(client, params.mlflow, uri)
-        with mlflow.start_run(experiment_id=exp_id, run_name="register", tags=run_tags) as run:
-            flat = redact(flatten(info["params"]))
-            items = [Param(k, str(v)[:MAX_VALUE]) for k, v in flat.items()]
-            for i in range(0, len(items), 100):
-                client.log_batch(run.info.run_id, params=items[i : i + 100])
-            mlflow.log_metrics(metrics)
-            model_info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(code_file),
-                artifacts=artifacts,
-                model_config={"format": serving.FORMAT, "models": [n for n, _ in members]},
-                code_paths=[str(package)],
-                signature=serving.model_signature(params.submit.dialect),
-                input_example=serving.input_example(),
-                pip_requirements=pinned_requirements(),
-                metadata={"pneumoseg_format": serving.FORMAT},
+        with using_run(uri, tracker.run_id):
+            model_info = log_pyfunc(
+                ensemble_files(params),
+                Path(params.thresholds.out),
+                info["params"],
+                params.submit.dialect,
             )
-            tags = version_tags(params, info, run.info.run_id)
-            version = mlflow.register_model(model_info.model_uri, name, tags=tags)
-    return model_info, version
+            version = mlflow.register_model(
+                model_info.model_uri,
+                params.mlflow.registered_model,
+                tags=version_tags(params, info, tracker.run_id),
+            )
+        tracker.end()
+    return model_info, version, tracker
+
+
+@contextlib.contextmanager
+def using_run(uri: str, run_id: str | None) -> Iterator[None]:
+    """mlflow's fluent API on the tracker's run (for ``log_model``)."""
+    import mlflow
+
+    with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        yield
 
 
 def run(params: Params, progress: bool = True) -> dict[str, Any]:
     """CLI/DVC entry: register a new version, alias it ``challenger``, write ``registry.out``."""
-    from mlflow.tracking import MlflowClient
-
     from pneumoseg import registry
 
-    if not progress:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = tracking_uri(params.mlflow)
     info = lineage(params)
     name = params.mlflow.registered_model
-    model_info, mv = log_and_register(params, info, uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    quiet = None if progress else "false"
+    with scoped_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=quiet):
+        model_info, mv, _ = log_and_register(params, info)
+    client = registry.open_client(params)
     with registry.mlflow_errors("register"):
         client.set_registered_model_alias(name, registry.CHALLENGER, mv.version)
     promoted, why = False, "registry.auto_promote is off"

@@ -25,12 +25,13 @@ from pneumoseg.postprocess import (
     select_triplets,
 )
 from pneumoseg.redact import redact
-from pneumoseg.studies import (
-    MlflowTrialLogger,
+from pneumoseg.studies.report import MlflowTrialLogger, save_study_plots
+from pneumoseg.studies.storage import (
+    OWNER_ATTR,
     fail_stale_trials,
     open_storage,
     resolve_storage,
-    save_study_plots,
+    worker_id,
 )
 from pneumoseg.tracking import Tracker
 
@@ -93,8 +94,14 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         print(f"thresholds: continuing study {name} ({done} trials done, {remaining} to go)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
+    objective, owner = search_objective(scorer, settings.space, groups), worker_id()
+
+    def owned(trial: optuna.Trial) -> float:  # a worker that dies leaves its trial recoverable
+        trial.set_user_attr(OWNER_ATTR, owner)
+        return objective(trial)
+
     study.optimize(
-        search_objective(scorer, settings.space, groups),
+        owned,
         n_trials=remaining,
         callbacks=[MlflowTrialLogger(tracker)],
         show_progress_bar=progress and remaining > 0,

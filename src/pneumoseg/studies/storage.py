@@ -1,21 +1,23 @@
-"""Optuna study infrastructure shared by the threshold search and the training studies:
-persistent storage, MLflow logging of trials, and study plots (PNG + HTML)."""
+"""Where studies live: a JournalStorage file (several processes on one host) or an RDB URL
+(several hosts, with Optuna's heartbeat), and recovery of trials whose worker died."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pneumoseg.paths import in_repo, sqlite_in_repo
 from pneumoseg.redact import redact_text
-from pneumoseg.tracking import Tracker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pneumoseg.studies")
 DEFAULT_JOURNAL = "optuna/journal.log"
 STORAGE_ENV = "PNEUMOSEG_OPTUNA_STORAGE"
 LOCK_GRACE_SECONDS = 10
@@ -48,21 +50,6 @@ def open_storage(storage: str | None, heartbeat: int | None = None) -> Any:
     # A lock left by a killed worker is broken after LOCK_GRACE_SECONDS.
     lock = JournalFileOpenLock(str(path), grace_period=LOCK_GRACE_SECONDS)
     return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
-
-
-def fail_stale_trials(study: Any) -> int:
-    """Mark the study's RUNNING trials FAILED: for a study run by one process at a time, a
-    RUNNING trial at start-up was left by a killed run. Returns how many were failed."""
-    from optuna.trial import TrialState
-
-    stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    for trial in stale:
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-    if stale:
-        log.warning(
-            "optuna: marked %d stale RUNNING trial(s) of %s as FAILED", len(stale), study.study_name
-        )
-    return len(stale)
 
 
 def open_rdb_storage(url: str, heartbeat: int | None = None) -> Any:
@@ -112,52 +99,52 @@ def worker_alive(worker: str) -> bool | None:
         return False
 
 
-class MlflowTrialLogger:
-    """Optuna callback: each finished trial's value (and the running best) as MLflow metrics at
-    step = trial number, in one batched call."""
-
-    def __init__(self, tracker: Tracker, prefix: str = "") -> None:
-        self.tracker = tracker
-        self.prefix = prefix
-
-    def __call__(self, study: Any, trial: Any) -> None:
-        if trial.value is None:
-            return
-        metrics = {f"{self.prefix}trial_value": float(trial.value)}
-        with contextlib.suppress(ValueError):  # no completed trial yet
-            metrics[f"{self.prefix}best_value"] = float(study.best_value)
-        self.tracker.log_metrics(metrics, step=trial.number)
+UNOWNED_GRACE_SECONDS = 120  # a RUNNING trial without an owner this old is stale
+OWNER_ATTR = "worker"  # trial user attribute: the worker_id() of the process running it
 
 
-def save_study_plots(study: Any, out_dir: Path, params: list[str] | None = None) -> list[Path]:
-    """Optimisation history, slices, parameter importances and parallel coordinates as PNG
-    (matplotlib) and self-contained HTML (plotly). Plots that cannot be made are skipped with a
-    log line (e.g. importances need two completed trials and two parameters)."""
-    import matplotlib
+def stale_trials(study: Any) -> list[Any]:
+    """The RUNNING trials whose worker process is gone from this host (or that have no owner
+    and started over :data:`UNOWNED_GRACE_SECONDS` ago); trials of other hosts are left to
+    the RDB heartbeat."""
+    from optuna.trial import TrialState
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    import optuna.visualization as vis
-    import optuna.visualization.matplotlib as vis_mpl
+    now = time.time()
+    stale = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get(OWNER_ATTR)
+        if owner:
+            if worker_alive(owner) is not False:
+                continue
+        elif t.datetime_start and now - t.datetime_start.timestamp() < UNOWNED_GRACE_SECONDS:
+            continue
+        stale.append(t)
+    return stale
 
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    with warnings.catch_warnings():  # matplotlib/optuna chatter about few or equal values
-        warnings.simplefilter("ignore", UserWarning)
-        for name in ("optimization_history", "slice", "param_importances", "parallel_coordinate"):
-            kwargs = {} if name == "optimization_history" else {"params": params}
-            try:
-                ax = getattr(vis_mpl, f"plot_{name}")(study, **kwargs)
-                fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
-                fig.set_size_inches(10, 5)
-                fig.tight_layout()
-                fig.savefig(out_dir / f"{name}.png", dpi=90)
-                plt.close(fig)
-                written.append(out_dir / f"{name}.png")
-                getattr(vis, f"plot_{name}")(study, **kwargs).write_html(out_dir / f"{name}.html")
-                written.append(out_dir / f"{name}.html")
-            except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-                log.info("study plot %s skipped: %s", name, exc)
-    return written
+
+def fail_stale_trials(study: Any) -> list[Any]:
+    """Mark :func:`stale_trials` FAILED (``Study.tell``); returns them."""
+    from optuna.trial import TrialState
+
+    stale = stale_trials(study)
+    for t in stale:
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+    if stale:
+        log.warning(
+            "optuna: %d trial(s) of %s were left RUNNING by a dead worker; marked FAILED",
+            len(stale),
+            study.study_name,
+        )
+    return stale
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (released by the OS when the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

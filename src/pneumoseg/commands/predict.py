@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -54,8 +53,8 @@ def _download(params: Params, model: str, dst: Path) -> tuple[Path, dict[str, An
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pneumoseg.registry import RegistryError, get_version, using_tracking_uri
-    from pneumoseg.tracking import tracking_uri
+    from pneumoseg.registry import RegistryError, get_version
+    from pneumoseg.tracking import scoped_env, tracking_uri, using_tracking_uri
 
     uri = tracking_uri(params.mlflow)
     info: dict[str, Any] = {"model": model}
@@ -72,22 +71,14 @@ def _download(params: Params, model: str, dst: Path) -> tuple[Path, dict[str, An
                 raise PredictError(f"--model {model}: {exc}") from None
             info.update(name=name, version=str(mv.version), run_id=mv.run_id)
             model = f"models:/{name}/{mv.version}"
-    quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # one bar line per file otherwise
-    saved = os.environ.get(quiet)
-    os.environ[quiet] = "false"
-    try:
-        with using_tracking_uri(uri):  # models:/ sources resolve through the fluent API
+    try:  # no progress bar line per file; models:/ sources resolve through the fluent API
+        with scoped_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), using_tracking_uri(uri):
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=model, dst_path=str(dst), tracking_uri=uri, registry_uri=uri
             )
     except MlflowException as exc:
         first = str(exc.message).strip().splitlines()[0][:300]
         raise PredictError(f"--model {info['model']}: {first}") from None
-    finally:
-        if saved is None:
-            os.environ.pop(quiet, None)
-        else:
-            os.environ[quiet] = saved
     return Path(local), info
 
 

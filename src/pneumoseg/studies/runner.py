@@ -1,4 +1,4 @@
-"""``pneumoseg study run|show|apply NAME``: Optuna studies over training params.
+"""A study over training params and the worker that runs it (``pneumoseg study run``).
 
 A study is declared in ``params.yaml`` under ``studies.<NAME>`` (see :class:`StudyParams`): a
 search space of params paths (``train.parts[0].loss.bce``), a reduced training ``budget`` applied
@@ -21,46 +21,41 @@ to every trial, the folds and validation metric of the objective, sampler, prune
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import io
+import hashlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import subprocess
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pneumoseg.params import (
-    MISSING,
     Distribution,
     Params,
     ParamsError,
     StudyParams,
     format_validation_error,
-    get_path,
     set_path,
 )
 from pneumoseg.redact import redact_text
-from pneumoseg.studies import (
-    MlflowTrialLogger,
+from pneumoseg.studies.report import MlflowTrialLogger, save_study_plots
+from pneumoseg.studies.storage import (
+    OWNER_ATTR,
+    fail_stale_trials,
+    file_lock,
     open_storage,
     resolve_storage,
-    save_study_plots,
     worker_alive,
     worker_id,
 )
 from pneumoseg.tracking import Tracker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pneumoseg.studies")
 HEARTBEAT_SECONDS = 30  # RDB storages: Optuna's trial heartbeat
 MAX_FAILED_IN_A_ROW = 3
-UNOWNED_GRACE_SECONDS = 120  # a RUNNING trial without an owner this old is stale
 
 
 def study_config(params: Params, name: str) -> StudyParams:
@@ -90,8 +85,6 @@ def space_digest(cfg: StudyParams) -> str:
     """What makes trials comparable: space, budget, folds, metric and direction."""
     keys = {"space", "parts", "budget", "folds", "metric", "direction"}
     blob = cfg.model_dump(mode="json", include=keys)
-    import hashlib
-
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -190,18 +183,6 @@ def close_child_runs(tracker: Tracker, status: str) -> None:
             tracker.client.set_terminated(run.info.run_id, status=status)
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (released by the OS when the process dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 class StudyRunner:
     """One worker of a study (see the module docstring)."""
 
@@ -222,7 +203,6 @@ class StudyRunner:
         self.storage_url = resolve_storage(storage or self.cfg.storage)
         self.storage = open_storage(self.storage_url, heartbeat=HEARTBEAT_SECONDS)
         self.experiment = f"{params.mlflow.experiment}-studies"
-        self.mlflow_cfg = params.mlflow.model_copy(update={"experiment": self.experiment})
         self.work = Path(self.cfg.work_dir) / name
         self.worker = worker_id()
         self.study = optuna.create_study(
@@ -235,7 +215,7 @@ class StudyRunner:
         self.seed = self.cfg.seed + self._register_worker()
         self.study.sampler = make_sampler(self.cfg, self.seed)
         self.study.pruner = make_pruner(self.cfg)
-        self.parent = Tracker(self.mlflow_cfg)
+        self.parent = Tracker(self.params.mlflow, experiment=self.experiment)
         self.trial_logger = MlflowTrialLogger(self.parent)
 
     # ---------------------------------------------------------------- study bookkeeping
@@ -285,18 +265,8 @@ class StudyRunner:
     def recover_dead_trials(self) -> int:
         """Fail RUNNING trials whose worker process is gone (same host), end their MLflow runs,
         delete their files and enqueue their params once more. Returns how many."""
-        from optuna.trial import TrialState
-
-        n = 0
-        now = time.time()
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner = t.user_attrs.get("worker")
-            if owner:
-                if worker_alive(owner) is not False:
-                    continue
-            elif t.datetime_start and now - t.datetime_start.timestamp() < UNOWNED_GRACE_SECONDS:
-                continue
-            self.study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        failed = fail_stale_trials(self.study)
+        for t in failed:
             self._end_trial_runs(t.user_attrs.get("mlflow_run_id"))
             shutil.rmtree(self.work / f"trial-{t.number}", ignore_errors=True)
             retry = not t.user_attrs.get("retry_of")
@@ -308,14 +278,13 @@ class StudyRunner:
                 t.number,
                 " and queued again" if retry and t.params else "",
             )
-            n += 1
-        return n
+        return len(failed)
 
     def _end_trial_runs(self, run_id: str | None) -> None:
         """Mark a dead trial's MLflow run and its RUNNING fold runs FAILED."""
         if not run_id:
             return
-        tracker = Tracker(self.mlflow_cfg)
+        tracker = Tracker(self.params.mlflow, experiment=self.experiment)
         if tracker.start("", {}, run_id) is None:
             return
         close_child_runs(tracker, "FAILED")
@@ -363,11 +332,11 @@ class StudyRunner:
 
         from pneumoseg.training.trainer import FoldTrainer
 
-        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr(OWNER_ATTR, self.worker)
         values = {path: suggest(trial, path, d) for path, d in self.cfg.space.items()}
         trial_dir = self.work / f"trial-{trial.number}"
         params = trial_params(self.params, self.cfg, values, trial_dir, self.experiment)
-        tracker = Tracker(self.mlflow_cfg)
+        tracker = Tracker(self.params.mlflow, experiment=self.experiment)
         tags = {
             "stage": "study-trial",
             "optuna_study": self.name,
@@ -484,7 +453,7 @@ class StudyRunner:
                 )
                 ran += 1
                 mine = self.study.get_trials(deepcopy=False)[before:]
-                mine = [t for t in mine if t.user_attrs.get("worker") == self.worker]
+                mine = [t for t in mine if t.user_attrs.get(OWNER_ATTR) == self.worker]
                 if mine and mine[-1].state == TrialState.FAIL:
                     failed_in_a_row += 1
                     if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
@@ -533,313 +502,3 @@ def load_study(params: Params, name: str, storage: str | None = None) -> Any:
         raise ValueError(
             f"study {name}: not found in {redact_text(url)}; run `pneumoseg study run {name}`"
         ) from None
-
-
-def study_summary(study: Any) -> dict[str, Any]:
-    """``{"study", "direction", "trials": [{"number", "state", "value", "params"}], "best",
-    "importances"}``."""
-    import optuna
-
-    trials = [
-        {
-            "number": t.number,
-            "state": t.state.name,
-            "value": t.value,
-            "params": t.params,
-            "duration_s": t.duration.total_seconds() if t.duration else None,
-        }
-        for t in study.get_trials(deepcopy=False)
-    ]
-    best = None
-    with contextlib.suppress(ValueError):
-        b = study.best_trial
-        best = {"number": b.number, "value": b.value, "params": b.params}
-    importances: dict[str, float] = {}
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(complete) >= 2:
-        with (
-            contextlib.suppress(ValueError, RuntimeError, ZeroDivisionError),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore", UserWarning)
-            importances = {
-                k: float(v) for k, v in optuna.importance.get_param_importances(study).items()
-            }
-    return {
-        "study": study.study_name,
-        "direction": study.direction.name.lower(),
-        "metric": study.user_attrs.get("metric"),
-        "trials": trials,
-        "best": best,
-        "importances": importances,
-    }
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """A terminal table of the trials, the best trial and the importances."""
-    trials = summary["trials"]
-    names = sorted({k for t in trials for k in t["params"]})
-    out = io.StringIO()
-    states: dict[str, int] = {}
-    for t in trials:
-        states[t["state"]] = states.get(t["state"], 0) + 1
-    counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(states.items()))
-    out.write(
-        f"study {summary['study']}: {len(trials)} trials ({counts or 'none'}); "
-        f"{summary['direction']} {summary['metric']}\n"
-    )
-    header = ["#", "state", "value", *names]
-    rows = [
-        [
-            str(t["number"]),
-            t["state"],
-            _fmt(t["value"]),
-            *(_fmt(t["params"].get(n)) for n in names),
-        ]
-        for t in trials
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        out.write("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + "\n")
-    best = summary["best"]
-    if best:
-        out.write(f"best: trial {best['number']} value {best['value']:.4f}\n")
-        for k, v in best["params"].items():
-            out.write(f"  {k}: {_fmt(v)}\n")
-    else:
-        out.write("best: none yet (no completed trial)\n")
-    if summary["importances"]:
-        out.write("importances:\n")
-        for k, v in summary["importances"].items():
-            out.write(f"  {k}: {v:.3f}\n")
-    return out.getvalue()
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def best_values(study: Any, name: str) -> dict[str, Any]:
-    try:
-        return dict(study.best_trial.params)
-    except ValueError:
-        raise ValueError(f"study {name}: no completed trial yet") from None
-
-
-def yaml_scalar(value: Any) -> str:
-    """``value`` as one line of YAML (``1.25``, ``linear``, ``true``, ``null``, or a flow
-    collection such as ``[{name: a, trial: 3}]``)."""
-    import yaml
-
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False)
-    return text.removesuffix("\n...\n").split("\n", 1)[0]
-
-
-def _scalar_end(line: str, col: int, flow: bool) -> int:
-    """End column of the YAML scalar that starts at ``col`` (quoted or plain)."""
-    if line[col : col + 1] in ("'", '"'):
-        quote, i = line[col], col + 1
-        while i < len(line):
-            if line[i] == "\\" and quote == '"':
-                i += 2
-                continue
-            if line[i] == quote:
-                if quote == "'" and line[i + 1 : i + 2] == "'":
-                    i += 2
-                    continue
-                return i + 1
-            i += 1
-        return len(line.rstrip("\n"))
-    stops = re.compile(r"\s+#|[,}\]]|\n" if flow else r"\s+#|\n")
-    m = stops.search(line, col)
-    end = m.start() if m else len(line)
-    return len(line[:end].rstrip())
-
-
-def edit_yaml_scalars(text: str, values: dict[str, Any]) -> tuple[str, list[tuple[str, Any, Any]]]:
-    """Replace the scalar values at params paths in YAML ``text``, touching nothing else (each
-    value is rewritten in place at its line and column). Returns the new text and
-    (path, old, new) for each change. Every path must already be written in the text."""
-    from ruamel.yaml import YAML
-
-    data = YAML().load(text)
-    lines = text.splitlines(keepends=True)
-    edits = []
-    changes = []
-    for key, value in values.items():
-        tokens = re.findall(r"[^.\[\]]+|\[\d+\]", key)
-        *head, last_tok = tokens
-        parent = get_path(data, "".join(t if t.startswith("[") else f".{t}" for t in head)[1:])
-        last: Any = int(last_tok[1:-1]) if last_tok.startswith("[") else last_tok
-        present = parent is not MISSING and (
-            last in parent if isinstance(parent, dict) else 0 <= last < len(parent)
-        )
-        if not present:
-            raise ValueError(
-                f"params file: {key} is not written in the file; add it (with any value) so "
-                "`study apply` can set it in place"
-            )
-        old = parent[last]
-        line, col = parent.lc.value(last) if isinstance(parent, dict) else parent.lc.item(last)
-        if isinstance(old, (dict, list)):
-            if _flow_end(lines[line], col) is None:
-                raise ValueError(
-                    f"params file: {key} is a mapping or list over several lines; write it "
-                    "in flow style on one line (e.g. [] or {}) so `study apply` can set it"
-                )
-            edits.append((line, col, None, yaml_scalar(value)))
-        else:
-            edits.append((line, col, bool(parent.fa.flow_style()), yaml_scalar(value)))
-        changes.append((key, old, value))
-    for line, col, flow, new in sorted(edits, reverse=True):
-        text_line = lines[line]
-        end = _flow_end(text_line, col) if flow is None else _scalar_end(text_line, col, flow)
-        lines[line] = text_line[:col] + new + text_line[end:]
-    return "".join(lines), changes
-
-
-def _flow_end(line: str, col: int) -> int | None:
-    """End column of the one-line flow collection (``[...]``, ``{...}``) starting at ``col``;
-    None when there is none or it continues on another line."""
-    if line[col : col + 1] not in ("[", "{"):
-        return None
-    depth, quote, i = 0, "", col
-    while i < len(line):
-        c = line[i]
-        if quote:
-            if c == "\\" and quote == '"':
-                i += 1
-            elif c == quote:
-                quote = ""
-        elif c in "'\"":
-            quote = c
-        elif c in "[{":
-            depth += 1
-        elif c in "]}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return None
-
-
-def apply_to_file(path: Path, values: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """Write ``values`` (params paths) into the YAML file in place (only those values change:
-    comments, order and layout stay); the result is validated before the file is replaced."""
-    import yaml
-    from pydantic import ValidationError
-
-    text = path.read_text()
-    if PROVENANCE_KEY in values and get_path(yaml.safe_load(text), PROVENANCE_KEY) is MISSING:
-        text = (
-            text.rstrip("\n")
-            + "\n\nprovenance:  # written by `pneumoseg study apply`\n  studies: []\n"
-        )
-    new_text, changes = edit_yaml_scalars(text, values)
-    data = yaml.safe_load(new_text)
-    for key, value in values.items():  # the edit must read back as exactly these values
-        if get_path(data, key) != value:
-            raise ValueError(f"{path.name}: {key}: could not be set in place")
-    try:
-        Params.model_validate(data)
-    except ValidationError as err:
-        raise ParamsError(format_validation_error(err, path.name).splitlines()[0]) from None
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(new_text)
-    tmp.replace(path)
-    return changes
-
-
-PROVENANCE_KEY = "provenance.studies"
-
-
-def hydra_value(value: Any) -> str:
-    """``value`` in the override grammar of ``dvc exp run -S`` (Hydra's): ``{key:value}``
-    with bare keys, quoted strings, ``[a,b]`` lists."""
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return json.dumps(value)  # numbers, true/false, null
-
-
-def applied_record(params: Params, name: str, study: Any) -> list[dict[str, Any]]:
-    """``provenance.studies`` after applying study ``name``: its entry (the best trial, the
-    folds and images that scored the trials) replaces an earlier one of the same name."""
-    best = study.best_trial
-    seen = study.user_attrs.get("selection")  # studies from before it was recorded: held_out
-    seen = seen or {"mode": "held_out", "folds": list(study_config(params, name).folds)}
-    entry = {
-        "name": name,
-        "trial": best.number,
-        "value": best.value,
-        "folds": list(seen["folds"]),
-        "selection": seen["mode"],
-        "inner_fraction": seen.get("inner_fraction", params.train.selection.inner_fraction),
-        "seed": seen.get("seed", params.train.seed),
-    }
-    others = [s.model_dump(mode="json") for s in params.provenance.studies if s.name != name]
-    return [*others, entry]
-
-
-def apply(
-    params: Params,
-    name: str,
-    params_file: str | Path = "params.yaml",
-    storage: str | None = None,
-    exp: bool = False,
-) -> dict[str, Any]:
-    """Best trial -> ``params.yaml`` (in place) or -> ``dvc exp run -S ...`` (``exp``)."""
-    study = load_study(params, name, storage)
-    values = best_values(study, name)
-    best = study.best_trial
-    applied = applied_record(params, name, study)
-    if exp:
-        cmd = ["dvc", "exp", "run"]
-        for key, value in values.items():
-            cmd += ["-S", f"{mlflow_key(key)}={json.dumps(value)}"]
-        cmd += ["-S", f"{PROVENANCE_KEY}={hydra_value(applied)}"]
-        print(" ".join(cmd))
-        proc = subprocess.run(cmd, check=False)
-        if proc.returncode:
-            raise RuntimeError(f"study {name}: `dvc exp run` exited with {proc.returncode}")
-        return {"trial": best.number, "value": best.value, "values": values, "exp": True}
-    changes = apply_to_file(Path(params_file), values | {PROVENANCE_KEY: applied})
-    print(f"{params_file}: best trial {best.number} of study {name} (value {best.value:.4f})")
-    for key, old, new in changes:
-        print(f"  {key}: {_fmt(old)} -> {_fmt(new)}")
-    print("next: git diff params.yaml && dvc repro")
-    return {"trial": best.number, "value": best.value, "values": values, "exp": False}
-
-
-def run(
-    params: Params,
-    action: str,
-    name: str,
-    trials: int | None = None,
-    timeout: str | None = None,
-    storage: str | None = None,
-    json_out: bool = False,
-    exp: bool = False,
-    params_file: str = "params.yaml",
-    progress: bool = True,
-) -> Any:
-    """CLI entry of ``pneumoseg study ACTION NAME``."""
-    if action == "run":
-        runner = StudyRunner(params, name, storage, progress)
-        return runner.run(trials, parse_duration(timeout))
-    if action == "show":
-        summary = study_summary(load_study(params, name, storage))
-        print(json.dumps(summary, indent=2) if json_out else format_summary(summary), end="")
-        if json_out:
-            print()
-        return summary
-    if action == "apply":
-        return apply(params, name, params_file, storage, exp)
-    raise ValueError(f"study: unknown action {action!r} (run, show, apply)")

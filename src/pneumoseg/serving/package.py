@@ -1,0 +1,90 @@
+"""Packaging the fold ensemble + flip TTA + tuned post-processing as ONE MLflow pyfunc, defined
+as code (:mod:`pneumoseg.serving.pyfunc_model`, nothing pickled): the fold model files,
+``postprocess.json`` and the settings the served model needs are its artifacts, the
+``pneumoseg`` package ships as ``code_paths``, requirements are pinned to the installed
+versions."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pneumoseg.params import nest
+from pneumoseg.redact import redact
+
+log = logging.getLogger(__name__)
+
+# What the served model imports (pinned to the installed versions).
+SERVING_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "segmentation-models-pytorch",
+    "timm",
+    "numpy",
+    "pandas",
+    "opencv-python-headless",
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "pillow",
+    "pyyaml",
+    "pydantic",
+    "tqdm",
+)
+
+
+def pinned_requirements(names: tuple[str, ...] = SERVING_REQUIREMENTS) -> list[str]:
+    """``name==version`` of each installed distribution (local version labels dropped)."""
+    pins = []
+    for name in names:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            log.warning("register: %s is not installed; left out of the requirements", name)
+            continue
+        pins.append(f"{name}=={version.split('+')[0]}")
+    return pins
+
+
+def log_pyfunc(
+    members: list[tuple[str, Path]],
+    postprocess: Path,
+    settings: dict[str, Any],
+    dialect: str,
+) -> Any:
+    """Log the pyfunc into the active MLflow run; returns its ``ModelInfo``. ``members``:
+    (artifact name, model file) in ensemble order; ``settings``: the dotted params keys the
+    served model needs (decode size, CLAHE, TTA, batch size, dialect), stored nested like
+    params.yaml."""
+    import mlflow
+
+    import pneumoseg
+    from pneumoseg import serving
+
+    package = Path(pneumoseg.__file__).resolve().parent
+    code_file = Path(serving.__file__).resolve().parent / "pyfunc_model.py"
+    with tempfile.TemporaryDirectory(prefix="pneumoseg-register-") as tmp:
+        params_file = Path(tmp) / "params.yaml"
+        params_file.write_text(yaml.safe_dump(redact(nest(settings)), sort_keys=False))
+        artifacts = {n: str(p.resolve()) for n, p in members}
+        artifacts[serving.PARAMS_ARTIFACT] = str(params_file)
+        artifacts[serving.POSTPROCESS_ARTIFACT] = str(postprocess.resolve())
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code_file),
+            artifacts=artifacts,
+            model_config={"format": serving.FORMAT, "models": [n for n, _ in members]},
+            code_paths=[str(package)],
+            signature=serving.model_signature(dialect),
+            input_example=serving.input_example(),
+            pip_requirements=pinned_requirements(),
+            metadata={"pneumoseg_format": serving.FORMAT},
+        )

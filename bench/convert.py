@@ -4,7 +4,7 @@ against a bare pydicom -> cv2 loop on the same files.
     python bench/convert.py [--n 200] [--size 512] [--out-size 256] [--repeats 3] [--profile]
 
 The DICOM set (default 200 files of 512 x 512, in the demo's mix of formats) is built once and
-reused from a folder under the temp dir. It is made by ``pneumoseg.stages.demo.generate_demo``
+reused from a folder under the temp dir. It is made by ``pneumoseg.demo.dataset.generate_demo``
 when that exists, else by the small generator below. Targets: 2 workers >= 1.7x one worker;
 pneumoseg's per-image cost within 1.3x of the bare loop. Only ratios are printed; nothing is
 asserted (timings depend on the machine).
@@ -143,7 +143,7 @@ def _own_set(raw: Path, n: int, size: int, seed: int = 2019) -> None:
 
 def _demo_generator() -> Callable[..., object] | None:
     try:
-        from pneumoseg.stages.demo import generate_demo  # type: ignore[attr-defined]
+        from pneumoseg.demo.dataset import generate_demo
     except ImportError:
         return None
     return generate_demo
@@ -194,7 +194,7 @@ def dataset(n: int, size: int) -> tuple[Path, str]:
     if generate is not None:
         raw = root / f"demo-{n}x{size}" / "raw"
         if _build(raw, lambda: _call_demo(generate, raw, n, size), fallible=True):
-            return raw, "pneumoseg.stages.demo.generate_demo"
+            return raw, "pneumoseg.demo.dataset.generate_demo"
     raw = root / f"bench-{n}x{size}" / "raw"
     _build(raw, lambda: _own_set(raw, n, size), fallible=False)
     return raw, "bench generator"

@@ -8,9 +8,7 @@ grepping outputs; ``radiograph(size, seed)`` draws a chest-like uint8 picture wh
 
 from __future__ import annotations
 
-import io
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,6 @@ IDENTIFYING: dict[str, str] = {
     "FrameOfReferenceUID": "1.2.826.0.1.3680043.10.999.4242.3",
 }
 
-TRANSFER_SYNTAXES = ("explicit", "implicit", "jpeg_baseline", "rle", "j2k")
 
 # Geometry of radiograph(), as fractions of the side: tests check these regions.
 MARKER = ((0.02, 0.10), (0.02, 0.10))  # (rows, cols): bright square, top-left
@@ -95,122 +92,19 @@ def radiograph(size: int = 256, seed: int = 0) -> np.ndarray:
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def _stored_values(image: np.ndarray, photometric: str, bits: int) -> np.ndarray:
-    """The stored pixel values whose display (MONOCHROME2 sense) is ``image``."""
-    top = (1 << bits) - 1
-    values = np.round(image.astype(np.float64) * top / 255.0)
-    if photometric == "MONOCHROME1":
-        values = top - values
-    return values.astype(np.uint8 if bits <= 8 else np.uint16)
-
-
 def write_dicom(
     path: str | Path,
     image: np.ndarray,
     *,
-    photometric: str = "MONOCHROME2",
-    bits: int = 8,
-    transfer_syntax: str = "explicit",
-    window: tuple[float, float] | None = None,
     patient_name: str = IDENTIFYING["PatientName"],
-    sex: str = "M",
-    age: str = "038Y",
-    view_position: str = "PA",
-    sop_instance_uid: str | None = None,
-    pixel_data: bool = True,
-    stored: np.ndarray | None = None,
-    jpeg_quality: int = 95,
-    extra: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> Path:
-    """Write ``image`` (uint8, 2-D, air dark) as a real DICOM file at ``path``.
+    """:func:`pneumoseg.demo.dicom_writer.write_dicom` with the :data:`IDENTIFYING` header
+    values (``patient_name`` replaces the name), so de-identification can be checked."""
+    from pneumoseg.demo import dicom_writer
 
-    ``bits`` > 8 scales the values to the ``bits``-bit range (stored as uint16);
-    MONOCHROME1 stores the inverted values so the rendering is unchanged. ``window`` adds
-    WindowCenter/WindowWidth in stored units. ``stored`` bypasses the scaling (raw stored values).
-    ``transfer_syntax``: explicit / implicit (uncompressed little endian), jpeg_baseline
-    (Pillow-encoded, 8-bit only), rle (RLE Lossless) or j2k (JPEG 2000 Lossless).
-    ``pixel_data=False`` writes a header-only DICOM. The SOP Instance UID is the file stem
-    (SIIM: stem = ImageId) when that is a valid UID, else a fresh one. ``extra`` sets further
-    header keywords.
-    """
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import (
-        PYDICOM_IMPLEMENTATION_UID,
-        ExplicitVRLittleEndian,
-        ImplicitVRLittleEndian,
-        JPEG2000Lossless,
-        JPEGBaseline8Bit,
-        RLELossless,
-        generate_uid,
-    )
-
-    if transfer_syntax not in TRANSFER_SYNTAXES:
-        raise ValueError(f"transfer_syntax must be one of {TRANSFER_SYNTAXES}")
-    if image.ndim != 2:
-        raise ValueError("image must be 2-D")
-    if transfer_syntax == "jpeg_baseline" and bits != 8:
-        raise ValueError("JPEG baseline is 8-bit only")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sop_uid = sop_instance_uid or (
-        path.stem if re.fullmatch(r"[0-9]+(\.[0-9]+)*", path.stem) else generate_uid()
-    )
-    arr = stored if stored is not None else _stored_values(image, photometric, bits)
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = (
-        ImplicitVRLittleEndian if transfer_syntax == "implicit" else ExplicitVRLittleEndian
-    )
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = sop_uid
-    for keyword, value in IDENTIFYING.items():
-        setattr(ds, keyword, value)
-    ds.PatientName = patient_name
-    ds.PatientSex = sex
-    ds.PatientAge = age
-    ds.ViewPosition = view_position
-    ds.Modality = "CR"
-    ds.BodyPartExamined = "CHEST"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-
-    ds.Rows, ds.Columns = (int(n) for n in arr.shape)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 8 if bits <= 8 else 16
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = float(window[0]), float(window[1])
-    for keyword, value in (extra or {}).items():
-        setattr(ds, keyword, value)
-
-    if pixel_data:
-        if transfer_syntax == "jpeg_baseline":
-            from PIL import Image
-
-            buf = io.BytesIO()
-            Image.fromarray(arr, mode="L").save(buf, format="JPEG", quality=jpeg_quality)
-            ds.PixelData = encapsulate([buf.getvalue()])
-            ds["PixelData"].VR = "OB"
-            ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-            ds.LossyImageCompression = "01"
-        else:
-            ds.PixelData = np.ascontiguousarray(arr).tobytes()
-            ds["PixelData"].VR = "OB" if ds.BitsAllocated == 8 else "OW"
-            if transfer_syntax == "rle":
-                ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
-            elif transfer_syntax == "j2k":
-                ds.compress(JPEG2000Lossless, generate_instance_uid=False)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    tags = IDENTIFYING | {"PatientName": patient_name}
+    return dicom_writer.write_dicom(path, image, tags=tags, **kwargs)
 
 
 @pytest.fixture

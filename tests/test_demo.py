@@ -17,10 +17,12 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
+from pneumoseg.demo import dataset as demo
+from pneumoseg.demo.dataset import generate_demo, image_uids
+from pneumoseg.demo.phantom import synthesize
 from pneumoseg.params import DemoParams, Params
 from pneumoseg.rle import decode_rows, read_rle_csv
-from pneumoseg.stages import demo
-from pneumoseg.stages.demo import generate_demo, image_uids, synthesize
+from pneumoseg.stages import demo as demo_stage
 
 TINY = DemoParams(n_train=16, n_test=4, size=128, positive_fraction=0.22, seed=11)
 SC_OR_CR = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.1"}
@@ -370,9 +372,9 @@ def test_rerun_leaves_no_stale_files(tmp_path: Path) -> None:
 
 def test_format_list_proportions() -> None:
     rng = np.random.default_rng(0)
-    tiny = demo._format_list(7, rng)
+    tiny = demo.format_list(7, rng)
     assert sorted(tiny) == sorted(demo.FORMATS)
-    full = demo._format_list(384, rng)
+    full = demo.format_list(384, rng)
     counts = {k: full.count(k) for k in demo.FORMATS}
     assert sum(counts.values()) == 384
     for name, share in demo.FORMATS.items():
@@ -381,7 +383,7 @@ def test_format_list_proportions() -> None:
 
 def test_run_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     params = Params(demo=TINY.model_copy(update={"out_dir": str(tmp_path / "d"), "n_test": 0}))
-    demo.run(params, progress=False)
+    demo_stage.run(params, progress=False)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("demo: 16 train")
     assert len(dicom_files(tmp_path / "d", "train")) == 16
@@ -392,7 +394,7 @@ def test_module_does_not_import_torch_or_mlflow() -> None:
     import subprocess
 
     code = (
-        "import sys; import pneumoseg.stages.demo; "
+        "import sys; import pneumoseg.stages.demo, pneumoseg.demo.dataset; "
         "print(any(m.split('.')[0] in ('torch', 'mlflow') for m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

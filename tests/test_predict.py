@@ -143,10 +143,10 @@ def test_served_frame_matches_predict(project: Path, dicoms: Path, tmp_path: Pat
     """The pyfunc's request path (base64 DICOM or image array) gives predict's numbers."""
     import pandas as pd
 
+    from pneumoseg.commands.predict import load_model
     from pneumoseg.dicom import read_dicom
     from pneumoseg.params import load_params
     from pneumoseg.serving import RequestError, predict_frame
-    from pneumoseg.commands.predict import load_model
 
     out = tmp_path / "out"
     code, _, stderr = cli(

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from pneumoseg.rle import rle_encode
-from pneumoseg.stages.convert import convert
+from pneumoseg.conversion import convert
 
 TARGET_PARALLEL = 1.7
 TARGET_OVERHEAD = 1.3

@@ -19,7 +19,7 @@ import yaml
 from pipeline_helpers import ROOT, Pipeline, env, pneumoseg, run, set_params
 
 from pneumoseg.params import ParamsError, load_params
-from pneumoseg.studies.runner import make_sampler, mlflow_key, parse_duration
+from pneumoseg.studies.config import make_sampler, mlflow_key, parse_duration
 from pneumoseg.studies.yaml_edit import edit_yaml_scalars
 
 LR = "train.parts[0].lr"
@@ -424,7 +424,7 @@ def test_storage_errors_are_one_line_without_the_password() -> None:
 
 
 def test_trial_params_keep_the_first_parts_and_stay_out_of_the_pipeline(tmp_path: Path) -> None:
-    from pneumoseg.studies.runner import trial_params
+    from pneumoseg.studies.config import trial_params
 
     params = load_params(ROOT / "params.yaml")
     assert len(params.train.parts) >= 2  # the shipped demo uptrains at 256 px

@@ -39,6 +39,21 @@ def fold_model_files(models_dir: str | Path, fold: int, checkpoints: str = "fina
     return [root / "checkpoints" / e["path"] for e in entries if e["part"] == last]
 
 
+def ensemble_members(
+    models_dir: str | Path, folds: Iterable[int], checkpoints: str = "final"
+) -> list[tuple[str, Path]]:
+    """(name, file) of every member of the fold ensemble, in fold order: ``fold<k>`` (or
+    ``fold<k>_<j>`` for the top-k checkpoints of fold k)."""
+    members = []
+    for k in folds:
+        files = fold_model_files(models_dir, k, checkpoints)
+        for j, path in enumerate(files):
+            if not path.is_file():
+                raise ModelError(f"{path}: missing (train fold {k} first)")
+            members.append((f"fold{k}" if len(files) == 1 else f"fold{k}_{j}", path))
+    return members
+
+
 class Ensemble:
     """Averages sigmoid probabilities over models and (optionally) horizontal-flip TTA."""
 

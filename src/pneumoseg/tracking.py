@@ -145,6 +145,15 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
             mlflow.set_registry_uri(None)  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def fluent_run(uri: str, run_id: str | None) -> Iterator[None]:
+    """mlflow's fluent API on an existing run (for ``mlflow.pyfunc.log_model``)."""
+    import mlflow
+
+    with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        yield
+
+
 def git_info(cwd: str | Path = ".") -> dict[str, str]:
     """Current commit and dirty flag (``unknown`` outside a git checkout)."""
 

@@ -99,7 +99,7 @@ def _mlflow_folder(folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
 
 def load_model(params: Params, model: str | None) -> Bundle:
     """Resolve ``--model`` (see the module docstring) into a ready :class:`Bundle`."""
-    from pneumoseg.inference import fold_model_files
+    from pneumoseg.inference import ensemble_members
     from pneumoseg.models import ModelError
     from pneumoseg.serving import build_bundle, bundle_from_artifacts
 
@@ -124,11 +124,8 @@ def load_model(params: Params, model: str | None) -> Bundle:
                 f"--model {model}: neither an MLflow model folder (MLmodel) nor a models/ "
                 "folder (folds/fold<k>/model.pt + postprocess.json)"
             )
-        files = [
-            f
-            for k in params.train.folds
-            for f in fold_model_files(folder / "folds", k, params.oof.checkpoints)
-        ]
+        members = ensemble_members(folder / "folds", params.train.folds, params.oof.checkpoints)
+        files = [f for _, f in members]
         description = {"model": str(folder), "files": [str(f) for f in files]}
         return build_bundle(files, post, params, description)
     except ModelError as exc:

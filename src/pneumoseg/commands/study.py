@@ -15,14 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from pneumoseg.params import Params
+from pneumoseg.studies.config import load_study, mlflow_key, parse_duration, study_config
 from pneumoseg.studies.report import _fmt, best_values, format_summary, study_summary
-from pneumoseg.studies.runner import (
-    StudyRunner,
-    load_study,
-    mlflow_key,
-    parse_duration,
-    study_config,
-)
+from pneumoseg.studies.runner import StudyRunner
 from pneumoseg.studies.yaml_edit import PROVENANCE_KEY, apply_to_file, hydra_value
 
 

@@ -7,24 +7,25 @@ data hash, params hash, training run ids) and scores; ``champion`` moves only by
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pneumoseg.params import Params, digest, flatten, stage_values
 from pneumoseg.tracking import (
     Tracker,
+    fluent_run,
     lineage_tags,
     scoped_env,
     store_lock,
     tracking_uri,
-    using_tracking_uri,
 )
 
 log = logging.getLogger(__name__)
+
+
+SCORES = ("kaggle_dice", "kaggle_dice_cross_fitted", "kaggle_dice_untouched", "empty_baseline")
 
 
 class RegisterError(RuntimeError):
@@ -43,20 +44,14 @@ def _read_json(path: str | Path, hint: str) -> dict[str, Any]:
 
 def ensemble_files(params: Params) -> list[tuple[str, Path]]:
     """(artifact name, file) of every ensemble member, in the order ``submit`` uses."""
-    from pneumoseg.inference import fold_model_files
+    from pneumoseg.inference import ensemble_members
     from pneumoseg.models import ModelError
 
-    out = []
-    for k in params.train.folds:
-        try:
-            files = fold_model_files(params.train.models_dir, k, params.oof.checkpoints)
-        except ModelError as exc:
-            raise RegisterError(str(exc)) from None
-        for j, path in enumerate(files):
-            if not path.is_file():
-                raise RegisterError(f"{path}: missing (train fold {k} first)")
-            out.append((f"fold{k}" if len(files) == 1 else f"fold{k}_{j}", path))
-    return out
+    cfg = params.train
+    try:
+        return ensemble_members(cfg.models_dir, cfg.folds, params.oof.checkpoints)
+    except ModelError as exc:
+        raise RegisterError(str(exc)) from None
 
 
 def lineage(params: Params) -> dict[str, Any]:
@@ -98,10 +93,7 @@ def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str,
         **info["git"],
         "data_hash": info["data_hash"],
         "params_hash": info["params_hash"],
-        "kaggle_dice": str(ev.get("kaggle_dice")),
-        "kaggle_dice_cross_fitted": str(ev.get("kaggle_dice_cross_fitted")),
-        "kaggle_dice_untouched": str(ev.get("kaggle_dice_untouched")),
-        "empty_baseline": str(ev.get("empty_baseline")),
+        **{k: str(ev.get(k)) for k in SCORES},
         "training_run_ids": ",".join(info["training_runs"].values()),
         "folds": ",".join(str(k) for k in params.train.folds),
         "tta_hflip": str(params.oof.tta_hflip).lower(),
@@ -113,9 +105,6 @@ def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str,
     for k, rid in info["training_runs"].items():
         tags[f"training_run_fold{k}"] = rid
     return tags
-
-
-SCORES = ("kaggle_dice", "kaggle_dice_cross_fitted", "kaggle_dice_untouched", "empty_baseline")
 
 
 def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, Any, Tracker]:
@@ -137,7 +126,7 @@ def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, Any, Tr
         tracker.log_metrics(
             {k: float(ev[k]) for k in (*SCORES, "dice_pos") if isinstance(ev.get(k), float)}, 0
         )
-        with using_run(uri, tracker.run_id):
+        with fluent_run(uri, tracker.run_id):
             model_info = log_pyfunc(
                 ensemble_files(params),
                 Path(params.thresholds.out),
@@ -151,15 +140,6 @@ def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, Any, Tr
             )
         tracker.end()
     return model_info, version, tracker
-
-
-@contextlib.contextmanager
-def using_run(uri: str, run_id: str | None) -> Iterator[None]:
-    """mlflow's fluent API on the tracker's run (for ``log_model``)."""
-    import mlflow
-
-    with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
-        yield
 
 
 def run(params: Params, progress: bool = True) -> dict[str, Any]:
@@ -189,9 +169,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         "run_id": mv.run_id or model_info.run_id,
         "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
         "champion": str(champion) if champion is not None else None,
-        "kaggle_dice": ev.get("kaggle_dice"),
-        "kaggle_dice_cross_fitted": ev.get("kaggle_dice_cross_fitted"),
-        "kaggle_dice_untouched": ev.get("kaggle_dice_untouched"),
+        **{k: ev.get(k) for k in SCORES},
         "git_commit": info["git"]["git_commit"],
         "data_hash": info["data_hash"],
         "params_hash": info["params_hash"],

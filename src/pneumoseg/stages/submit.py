@@ -20,18 +20,15 @@ log = logging.getLogger(__name__)
 def run(params: Params, progress: bool = True) -> Path:
     """CLI/DVC entry: write ``submit.out`` for the test images of the manifest, in the order of
     the competition's sample submission when ``convert`` found one."""
-    from pneumoseg.inference import Ensemble, fold_model_files, predict_masks
+    from pneumoseg.inference import Ensemble, ensemble_members, predict_masks
     from pneumoseg.postprocess import PostProcess
 
     processed = params.data.processed_dir
     manifest = read_manifest(processed)
     test = sorted(i for i, r in manifest.items() if r["split"] == "test")
     post = PostProcess.load(params.thresholds.out)
-    files = [
-        f
-        for k in params.train.folds
-        for f in fold_model_files(params.train.models_dir, k, params.oof.checkpoints)
-    ]
+    cfg = params.train
+    files = [f for _, f in ensemble_members(cfg.models_dir, cfg.folds, params.oof.checkpoints)]
     ens = Ensemble(files, tta_hflip=params.oof.tta_hflip, batch_size=params.oof.batch_size)
     items = (
         (i, read_gray(image_path(processed, i)), native_size(manifest[i]), manifest[i])

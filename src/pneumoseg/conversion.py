@@ -1,0 +1,247 @@
+"""Converting a SIIM-layout DICOM tree + RLE csv into processed PNG images/masks, the manifest
+and the failures list (the ``convert`` stage's work).
+
+Every ``<ImageId>.dcm`` under the raw folder is found (any nesting). An ImageId listed in the
+RLE csv is a training image, any other is a test image. Bad files are reported in
+``failures.csv`` and the rest converted; the stage fails only when the failed fraction exceeds
+``data.max_failed_fraction``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from pneumoseg.artifacts import (
+    BASE_MANIFEST_FIELDS,
+    FAILURES,
+    MANIFEST,
+    TEST_ORDER,
+    write_csv,
+    write_test_order,
+)
+from pneumoseg.dicom import SAFE_FIELDS, DicomReadError, prepare_image, read_dicom, resize_mask
+from pneumoseg.params import ClaheParams
+from pneumoseg.rle import RLEError, decode_rows, read_rle_csv
+
+log = logging.getLogger(__name__)
+
+RLE_CSV_NAMES = ("train-rle.csv", "stage_2_train.csv")
+SAMPLE_SUBMISSION = "sample_submission.csv"
+MANIFEST_FIELDS = (*BASE_MANIFEST_FIELDS, *SAFE_FIELDS)
+FAILURE_FIELDS = ("path", "reason")
+
+
+class ConvertError(RuntimeError):
+    """The conversion as a whole cannot proceed or failed too often."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One DICOM to convert; ``rle_rows`` is None for test images."""
+
+    image_id: str
+    path: str
+    rle_rows: tuple[tuple[int, str], ...] | None
+    rle_source: str
+    dialect: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    out_dir: str
+    size: int
+    clahe: ClaheParams
+
+
+@dataclass
+class ConvertSummary:
+    converted: int
+    train: int
+    test: int
+    positive: int
+    failed: int
+    manifest: Path
+    failures: Path
+
+    @property
+    def failed_fraction(self) -> float:
+        total = self.converted + self.failed
+        return self.failed / total if total else 0.0
+
+    def line(self) -> str:
+        return (
+            f"convert: {self.converted} converted ({self.train} train, {self.test} test, "
+            f"{self.positive} with masks), {self.failed} failed"
+            + (f" (see {self.failures})" if self.failed else "")
+        )
+
+
+def find_rle_csv(raw_dir: Path) -> Path:
+    """The SIIM training csv inside ``raw_dir`` (stage 1 or stage 2 name)."""
+    for name in RLE_CSV_NAMES:
+        if (raw_dir / name).is_file():
+            return raw_dir / name
+    raise ConvertError(f"{raw_dir}: no {' or '.join(RLE_CSV_NAMES)} found (set data.rle_csv)")
+
+
+def report_path(path: str | Path) -> str:
+    """How a DICOM is named in failures.csv and logs: the file name (``<ImageId>.dcm``) only,
+    since SIIM folders are named after Study/Series Instance UIDs, which must not leak."""
+    return Path(path).name
+
+
+def find_dicoms(raw_dir: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Map ImageId (file stem) -> path for every ``*.dcm`` below ``raw_dir``; report duplicates."""
+    found: dict[str, Path] = {}
+    failures: list[tuple[str, str]] = []
+    for path in sorted(raw_dir.rglob("*.dcm")):
+        if not path.is_file():
+            continue
+        if path.stem in found:
+            failures.append((report_path(path), f"duplicate ImageId {path.stem} (kept another)"))
+            continue
+        found[path.stem] = path
+    return found, failures
+
+
+def convert_one(task: Task, settings: Settings) -> dict[str, Any]:
+    """Convert one DICOM (and its mask); returns a manifest row or ``{"path", "reason"}``."""
+    try:
+        dicom = read_dicom(task.path)
+        mask_pixels: int | str = ""
+        mask = None
+        if task.rle_rows is not None:
+            mask = decode_rows(
+                task.rle_rows,
+                dicom.height,
+                dicom.width,
+                task.dialect,
+                task.rle_source,
+                task.image_id,
+            )
+            mask_pixels = int(mask.sum())
+        out = Path(settings.out_dir)
+        image = prepare_image(dicom.image, settings.size, settings.clahe)
+        if not cv2.imwrite(str(out / "images" / f"{task.image_id}.png"), image):
+            raise OSError("cannot write image PNG")
+        if mask is not None:
+            small = resize_mask(mask, settings.size) * np.uint8(255)
+            if not cv2.imwrite(str(out / "masks" / f"{task.image_id}.png"), small):
+                raise OSError("cannot write mask PNG")
+    except (DicomReadError, RLEError, OSError) as exc:
+        return {"path": report_path(task.path), "reason": str(exc)}
+    row: dict[str, Any] = {
+        "ImageId": task.image_id,
+        "split": "train" if task.rle_rows is not None else "test",
+        "has_mask": int(bool(mask_pixels)) if task.rle_rows is not None else "",
+        "mask_pixels": mask_pixels,
+        "height": dicom.height,
+        "width": dicom.width,
+    }
+    row.update({k: dicom.meta.get(k, "") for k in SAFE_FIELDS})
+    return row
+
+
+def _convert_star(args: tuple[Task, Settings]) -> dict[str, Any]:
+    return convert_one(*args)
+
+
+def _results(tasks: list[Task], settings: Settings, workers: int) -> Iterator[dict[str, Any]]:
+    jobs = ((t, settings) for t in tasks)
+    if workers <= 1 or len(tasks) < 2:
+        yield from map(_convert_star, jobs)
+        return
+    with multiprocessing.get_context().Pool(workers) as pool:
+        yield from pool.imap_unordered(_convert_star, jobs, chunksize=4)
+
+
+def read_sample_ids(path: Path) -> list[str]:
+    """The ImageIds (first column) of a Kaggle sample submission, in order."""
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        return [r[0].strip() for r in list(csv.reader(fh))[1:] if r and r[0].strip()]
+
+
+def convert(
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    size: int,
+    rle_csv: str | Path | None = None,
+    dialect: str = "auto",
+    workers: int = 1,
+    clahe: ClaheParams | None = None,
+    sample_submission: str | Path | None = None,
+    progress: bool = True,
+) -> ConvertSummary:
+    """Convert a SIIM-layout DICOM tree; see the module docstring."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if not raw_dir.is_dir():
+        raise ConvertError(f"{raw_dir}: DICOM folder not found")
+    csv_path = Path(rle_csv) if rle_csv else find_rle_csv(raw_dir)
+    if not csv_path.is_file():
+        raise ConvertError(f"{csv_path}: RLE csv not found")
+    for key, path in (("data.rle_csv", rle_csv), ("data.sample_submission", sample_submission)):
+        if path and not Path(path).resolve().is_relative_to(raw_dir.resolve()):
+            raise ConvertError(
+                f"{key}: {path} is outside data.raw_dir ({raw_dir}), the folder dvc.yaml "
+                "declares as the input; move the file into it"
+            )
+    table = read_rle_csv(csv_path, dialect)
+    sample = Path(sample_submission) if sample_submission else raw_dir / SAMPLE_SUBMISSION
+    if sample_submission and not sample.is_file():
+        raise ConvertError(f"data.sample_submission: {sample} not found")
+    dicoms, failures = find_dicoms(raw_dir)
+    failures = [{"path": p, "reason": r} for p, r in failures]
+    for image_id, rows in table.rows.items():
+        if image_id not in dicoms:
+            reason = f"no DICOM for ImageId {image_id}"
+            failures.append({"path": f"{csv_path.name}:{rows[0][0]}", "reason": reason})
+    tasks = [
+        Task(
+            image_id=image_id,
+            path=str(path),
+            rle_rows=tuple(table.rows[image_id]) if image_id in table else None,
+            rle_source=csv_path.name,
+            dialect=table.dialect,
+        )
+        for image_id, path in dicoms.items()
+    ]
+    for sub in ("images", "masks"):
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    settings = Settings(str(out_dir), size, clahe or ClaheParams())
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(tasks), desc="convert", unit="img", disable=not progress)
+    for result in _results(tasks, settings, workers):
+        (failures if "reason" in result else rows).append(result)
+        bar.update()
+    bar.close()
+    rows.sort(key=lambda r: r["ImageId"])
+    failures.sort(key=lambda r: r["path"])
+    manifest, failures_csv = out_dir / MANIFEST, out_dir / FAILURES
+    write_csv(manifest, MANIFEST_FIELDS, rows)
+    write_csv(failures_csv, FAILURE_FIELDS, failures)
+    (out_dir / TEST_ORDER).unlink(missing_ok=True)
+    if sample.is_file():  # the order `submit` writes its rows in
+        write_test_order(out_dir, read_sample_ids(sample))
+    for failure in failures:
+        log.warning("convert: skipped %s: %s", failure["path"], failure["reason"])
+    return ConvertSummary(
+        converted=len(rows),
+        train=sum(r["split"] == "train" for r in rows),
+        test=sum(r["split"] == "test" for r in rows),
+        positive=sum(r["has_mask"] == 1 for r in rows),
+        failed=len(failures),
+        manifest=manifest,
+        failures=failures_csv,
+    )

@@ -204,3 +204,29 @@ def test_find_inputs_sorts_dedupes_and_reports(tmp_path: Path) -> None:
         ("gone", "no such file or folder"),
         ("2.dcm", "duplicate ImageId 2 (kept another)"),
     ]
+
+
+def test_versions_registered_with_an_older_schema_still_load() -> None:
+    """A round-1 registered version carries the whole params.yaml of its day (a top-level
+    seed, train.optimizer as a string, submit.sample_submission ...): serving reads only the
+    settings it needs from it."""
+    from pneumoseg.serving import serving_params
+
+    round_1 = {
+        "seed": 42,
+        "data": {"size": 192, "clahe": {"enabled": True, "clip_limit": 3.0, "tile_grid": 4}},
+        "train": {"optimizer": "adam", "weight_decay": 0.0, "momentum": 0.9},
+        "oof": {"size": 128, "tta_hflip": False, "batch_size": 8, "checkpoints": "final"},
+        "submit": {"dialect": "absolute", "sample_submission": None},
+    }
+    params = serving_params(round_1)
+    assert (params.data.size, params.data.clahe.enabled, params.data.clahe.tile_grid) == (
+        192,
+        True,
+        4,
+    )
+    assert (params.oof.tta_hflip, params.oof.batch_size, params.submit.dialect) == (
+        False,
+        8,
+        "absolute",
+    )

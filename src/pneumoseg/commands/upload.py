@@ -75,7 +75,7 @@ def upload_fold(params: Params, fold: int, progress: bool = True) -> str | None:
     if tracker.failed:
         raise RuntimeError("MLflow failed during the upload (see the warning above)")
     metrics_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    log.info("upload: fold %d -> MLflow run %s; %s records it", fold, run_id, metrics_path)
+    print(f"upload: fold {fold} -> MLflow run {run_id}; {metrics_path} records it")
     _dvc_commit(fold)
     return run_id
 

@@ -93,13 +93,9 @@ def bundle_from_artifacts(artifacts: Mapping[str, str], config: Mapping[str, Any
     ``model_config`` (``models``: the artifact names of the ensemble members, in order)."""
     import yaml
 
-    from pneumoseg.params import Params
-
     if config.get("format") != FORMAT:
         raise ValueError(f"model_config: format {config.get('format')!r}, expected {FORMAT}")
-    params = Params.model_validate(
-        yaml.safe_load(Path(artifacts[PARAMS_ARTIFACT]).read_text()) or {}
-    )
+    params = serving_params(yaml.safe_load(Path(artifacts[PARAMS_ARTIFACT]).read_text()) or {})
     files = [Path(artifacts[name]) for name in config["models"]]
     description = {
         "models": list(config["models"]),
@@ -107,6 +103,19 @@ def bundle_from_artifacts(artifacts: Mapping[str, str], config: Mapping[str, Any
         "size": params.data.size,
     }
     return build_bundle(files, Path(artifacts[POSTPROCESS_ARTIFACT]), params, description)
+
+
+SERVING_KEYS = ("data.size", "data.clahe", "oof.tta_hflip", "oof.batch_size", "submit.dialect")
+
+
+def serving_params(raw: Mapping[str, Any]) -> Params:
+    """Params with the settings a packaged model needs (:data:`SERVING_KEYS`) read from its
+    params artifact; other keys are ignored, so versions registered with an older schema (a
+    whole params.yaml of their day) still load."""
+    from pneumoseg.params import MISSING, Params, get_path, nest
+
+    found = {k: get_path(raw, k) for k in SERVING_KEYS}
+    return Params.model_validate(nest({k: v for k, v in found.items() if v is not MISSING}))
 
 
 def result_row(pred: Prediction, dialect: str, image_id: str | None = None) -> dict[str, Any]:

@@ -366,12 +366,10 @@ class StudyRunner:
             "best": None if best is None else {"number": best.number, "value": best.value},
             "mlflow_parent_run_id": self.parent.run_id,
         }
-        log.info(
-            "study %s: this worker ran %d trial(s); study: %s; best %s",
-            self.name,
-            ran,
-            ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())),
-            "-" if best is None else f"{best.value:.4f} (trial {best.number})",
+        states = ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items()))
+        best_text = "-" if best is None else f"{best.value:.4f} (trial {best.number})"
+        print(
+            f"study {self.name}: this worker ran {ran} trial(s); study: {states}; best {best_text}"
         )
         return summary
 

@@ -111,16 +111,11 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
     log_fold_record(t.tracker, t.params, t.fold, result, len(state.history), t.log_model)
     t.tracker.end("FINISHED")
     t.store.clear()
-    log.info(
-        "train fold %d done: final weights (%s) on the held-out fold: kaggle_dice %.4f "
-        "(empty baseline %.4f), dice_pos %.4f -> %s; MLflow run %s",
-        t.fold,
-        cfg.checkpoint.final,
-        heldout["heldout_kaggle_dice"],
-        heldout["heldout_empty_baseline"],
-        heldout["heldout_dice_pos"],
-        t.out / "model.pt",
-        state.mlflow_run_id,
+    print(
+        f"train: fold {t.fold} done, final weights ({cfg.checkpoint.final}) on the held-out "
+        f"fold: kaggle_dice {heldout['heldout_kaggle_dice']:.4f} (empty baseline "
+        f"{heldout['heldout_empty_baseline']:.4f}), dice_pos {heldout['heldout_dice_pos']:.4f}"
+        f" -> {t.out / 'model.pt'}; MLflow run {state.mlflow_run_id}"
     )
     return result
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pneumoseg.rle import rle_encode
 from pneumoseg.conversion import convert
+from pneumoseg.rle import rle_encode
 
 TARGET_PARALLEL = 1.7
 TARGET_OVERHEAD = 1.3

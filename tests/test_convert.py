@@ -25,9 +25,9 @@ from conftest import (
 )
 
 from pneumoseg import cli
+from pneumoseg.conversion import MANIFEST_FIELDS, ConvertSummary, convert
 from pneumoseg.dicom import DicomReadError, read_dicom
 from pneumoseg.rle import rle_encode
-from pneumoseg.conversion import MANIFEST_FIELDS, ConvertSummary, convert
 
 SIZE = 64  # processed side
 UID_ROOT = "1.2.826.0.1.3680043.10.999"  # root of every identifying UID (see conftest)

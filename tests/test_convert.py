@@ -532,3 +532,68 @@ def test_unreadable_files_raise_dicom_read_error(tmp_path: Path) -> None:
     empty = write_dicom(tmp_path / "e.dcm", radiograph(32), pixel_data=False)
     with pytest.raises(DicomReadError, match="no pixel data"):
         read_dicom(empty)
+
+
+def panicking_rle_dicom(path: Path) -> Path:
+    """A 16-bit RLE Lossless DICOM whose second segment offset is corrupted so that the Rust
+    decoder (pylibjpeg-rle) panics (``pyo3_runtime.PanicException``, a BaseException)."""
+    picture = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
+    write_dicom(path, picture, bits=16, transfer_syntax="rle")
+    raw = bytearray(path.read_bytes())
+    fragment = raw.rfind(b"\xfe\xff\x00\xe0")  # the item of the frame's only fragment
+    raw[fragment + 8 + 8] = 0  # RLE header: low byte of segment 2's offset
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_decoder_panic_is_a_one_line_failure(tmp_path: Path) -> None:
+    from pneumoseg.dicom import DicomReadError, read_dicom
+
+    path = panicking_rle_dicom(tmp_path / "1.2.3.4.dcm")
+    with pytest.raises(DicomReadError, match="pixel data cannot be decoded: PanicException"):
+        read_dicom(path)
+
+
+def _raw_with(tmp_path: Path, bad: list[str]) -> Path:
+    """A raw folder of six good test DICOMs plus, for each name in ``bad``, a file so named."""
+    raw = tmp_path / "raw"
+    for k in range(6):
+        write_dicom(raw / f"1.2.9.{k}.dcm", radiograph(48, k))
+    (raw / "train-rle.csv").write_text("ImageId, EncodedPixels\n")
+    for name in bad:
+        panicking_rle_dicom(raw / name)
+    return raw
+
+
+@pytest.mark.timeout(180)  # the round-1 pool waited forever for the task of a dead worker
+def test_two_workers_survive_a_panicking_decoder(tmp_path: Path) -> None:
+    raw = _raw_with(tmp_path, ["1.2.9.99.dcm"])
+    summary = convert(raw, tmp_path / "out", 32, workers=2, progress=False)
+    assert (summary.converted, summary.failed) == (6, 1)
+    failures = (tmp_path / "out/failures.csv").read_text()
+    assert "1.2.9.99.dcm" in failures and "PanicException" in failures
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_that_dies_is_isolated_and_the_rest_converted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode that kills its process (a segfault in native code) breaks the pool: the file
+    is found by converting the suspects one at a time, and every other file is converted."""
+    import os
+
+    from pneumoseg import conversion
+
+    raw = _raw_with(tmp_path, [])
+    original = conversion.convert_one
+
+    def dies_on_one(task: conversion.Task, settings: conversion.Settings) -> dict:
+        if task.image_id == "1.2.9.3":
+            os._exit(139)  # the worker process dies as on a segfault
+        return original(task, settings)
+
+    monkeypatch.setattr(conversion, "convert_one", dies_on_one)  # forked workers inherit it
+    summary = conversion.convert(raw, tmp_path / "out", 32, workers=2, progress=False)
+    assert (summary.converted, summary.failed) == (5, 1)
+    failures = (tmp_path / "out/failures.csv").read_text()
+    assert "1.2.9.3.dcm,the decoder killed its worker process" in failures

@@ -13,7 +13,10 @@ import csv
 import logging
 import multiprocessing
 import shutil
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,17 +156,59 @@ def convert_one(task: Task, settings: Settings) -> dict[str, Any]:
     return row
 
 
-def _convert_star(args: tuple[Task, Settings]) -> dict[str, Any]:
-    return convert_one(*args)
+def _convert_task(task: Task, settings: Settings) -> dict[str, Any]:
+    """What a worker runs (a module-level name: ``convert_one`` is looked up in the worker)."""
+    return convert_one(task, settings)
+
+
+def _pooled(tasks: list[Task], settings: Settings, workers: int) -> Iterator[dict[str, Any]]:
+    """Convert in ``workers`` processes. A worker that dies (a native decoder crashing the
+    process) breaks the pool: the tasks it may have held are then converted one at a time,
+    each in its own process, so the file that kills its worker is named in ``failures.csv``,
+    and the rest goes on in a fresh pool."""
+    queue, suspects = deque(tasks), deque[Task]()
+    while queue or suspects:
+        if suspects:
+            yield _alone(suspects.popleft(), settings)
+            continue
+        inflight: dict[Future[dict[str, Any]], Task] = {}
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
+                while queue or inflight:
+                    while queue and len(inflight) < 2 * workers:
+                        task = queue.popleft()
+                        inflight[pool.submit(_convert_task, task, settings)] = task
+                    done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        task = inflight.pop(future)
+                        try:
+                            result = future.result()
+                        except BrokenProcessPool:
+                            suspects.append(task)
+                            raise
+                        yield result
+        except BrokenProcessPool:
+            suspects.extend(inflight.values())
+            log.warning(
+                "convert: a worker process died; converting %d file(s) one by one", len(suspects)
+            )
+
+
+def _alone(task: Task, settings: Settings) -> dict[str, Any]:
+    """One task in a process of its own: its death is a failure row naming the file."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context()) as pool:
+        try:
+            return pool.submit(_convert_task, task, settings).result()
+        except BrokenProcessPool:
+            reason = "the decoder killed its worker process (a crash in native code)"
+            return {"path": report_path(task.path), "reason": reason}
 
 
 def _results(tasks: list[Task], settings: Settings, workers: int) -> Iterator[dict[str, Any]]:
-    jobs = ((t, settings) for t in tasks)
     if workers <= 1 or len(tasks) < 2:
-        yield from map(_convert_star, jobs)
-        return
-    with multiprocessing.get_context().Pool(workers) as pool:
-        yield from pool.imap_unordered(_convert_star, jobs, chunksize=4)
+        yield from (convert_one(t, settings) for t in tasks)
+    else:
+        yield from _pooled(tasks, settings, workers)
 
 
 def read_sample_ids(path: Path) -> list[str]:

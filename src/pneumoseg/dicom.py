@@ -122,9 +122,13 @@ def read_dicom(path: str | Path) -> DicomImage:
         raise DicomReadError("DICOM has no pixel data")
     try:
         arr = ds.pixel_array
-    except Exception as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise DicomReadError(f"pixel data cannot be decoded: {reason}") from None
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # native decoders raise more than Exception (a Rust panic)
+        reason = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise DicomReadError(
+            f"pixel data cannot be decoded: {type(exc).__name__}: {reason}".rstrip(": ")
+        ) from None
     if arr.ndim == 3 and arr.shape[-1] != 3:
         arr = arr[0]  # multi-frame: first frame
     if arr.ndim != 2 and not (arr.ndim == 3 and arr.shape[-1] == 3):

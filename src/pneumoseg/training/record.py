@@ -25,6 +25,7 @@ from pneumoseg.plots import plot_history, save_overlay_grid
 from pneumoseg.tracking import Tracker, pip_freeze
 from pneumoseg.training.callbacks import write_history
 from pneumoseg.training.distributed import unwrap
+from pneumoseg.training.state import load_checkpoint
 
 if TYPE_CHECKING:
     from pneumoseg.training.trainer import FoldTrainer
@@ -43,7 +44,7 @@ def final_weights(t: FoldTrainer, swa_model: Any) -> dict[str, torch.Tensor]:
     if kind == "last":
         return {k: v.detach().clone() for k, v in unwrap(t.model).state_dict().items()}
     best = t.best_of_part(len(t.cfg.parts) - 1)
-    blobs = [torch.load(t.work / c["path"], map_location="cpu", weights_only=True) for c in best]
+    blobs = [load_checkpoint(t.work / c["path"]) for c in best]
     if kind == "average_top_k":
         return average_state_dicts([b["state_dict"] for b in blobs])
     return blobs[0]["state_dict"]

@@ -36,7 +36,13 @@ from pneumoseg.training.callbacks import Callback, default_callbacks
 from pneumoseg.training.distributed import Dist
 from pneumoseg.training.parts import Part, make_optimizer, make_scheduler
 from pneumoseg.training.record import finish
-from pneumoseg.training.state import ResumeStore, RunState, seed_everything, set_rng_state
+from pneumoseg.training.state import (
+    ResumeStore,
+    RunState,
+    load_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger("pneumoseg.training")
 
@@ -210,12 +216,14 @@ class FoldTrainer:
     def hand_over(self, index: int) -> None:
         """Start part ``index`` from the best (or, without selection, the last) checkpoint of
         the part before."""
-        best = self.best_of_part(index - 1)
-        if not best:
-            return
-        blob = torch.load(self.work / best[0]["path"], map_location="cpu", weights_only=True)
-        self.model.load_state_dict(blob["state_dict"])
-        log.info("train fold %d: part %d starts from %s", self.fold, index, best[0]["path"])
+        for candidate in self.best_of_part(index - 1):  # a torn file: the next best
+            blob = load_checkpoint(self.work / candidate["path"])
+            if blob is not None:
+                self.model.load_state_dict(blob["state_dict"])
+                log.info(
+                    "train fold %d: part %d starts from %s", self.fold, index, candidate["path"]
+                )
+                return
 
     def epoch(self, part: Part, e: int) -> dict[str, Any]:
         """Train and (on the selection split) validate one epoch; its history row."""

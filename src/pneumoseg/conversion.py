@@ -10,6 +10,7 @@ RLE csv is a training image, any other is a test image. Bad files are reported i
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 import multiprocessing
 import shutil
@@ -29,7 +30,6 @@ from pneumoseg.artifacts import (
     BASE_MANIFEST_FIELDS,
     FAILURES,
     MANIFEST,
-    TEST_ORDER,
     write_csv,
     write_test_order,
 )
@@ -136,13 +136,15 @@ def convert_one(task: Task, settings: Settings) -> dict[str, Any]:
             mask_pixels = int(mask.sum())
         out = Path(settings.out_dir)
         image = prepare_image(dicom.image, settings.size, settings.clahe)
-        if not cv2.imwrite(str(out / "images" / f"{task.image_id}.png"), image):
-            raise OSError("cannot write image PNG")
+        write_png(out / "images" / f"{task.image_id}.png", image)
         if mask is not None:
             small = resize_mask(mask, settings.size) * np.uint8(255)
-            if not cv2.imwrite(str(out / "masks" / f"{task.image_id}.png"), small):
-                raise OSError("cannot write mask PNG")
-    except (DicomReadError, RLEError, OSError) as exc:
+            write_png(out / "masks" / f"{task.image_id}.png", small)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the whole conversion stops: no file would fare better
+        return {"path": report_path(task.path), "reason": str(exc)}
+    except (DicomReadError, RLEError) as exc:
         return {"path": report_path(task.path), "reason": str(exc)}
     row: dict[str, Any] = {
         "ImageId": task.image_id,
@@ -154,6 +156,15 @@ def convert_one(task: Task, settings: Settings) -> dict[str, Any]:
     }
     row.update({k: dicom.meta.get(k, "") for k in SAFE_FIELDS})
     return row
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Encode with OpenCV, write with Python (so a full disk raises ``OSError(ENOSPC)``)."""
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"cannot encode {path.name}")
+    with path.open("wb") as fh:
+        fh.write(data.tobytes())
 
 
 def _convert_task(task: Task, settings: Settings) -> dict[str, Any]:
@@ -211,6 +222,16 @@ def _results(tasks: list[Task], settings: Settings, workers: int) -> Iterator[di
         yield from _pooled(tasks, settings, workers)
 
 
+def replace_dir(new: Path, old: Path) -> None:
+    """Put folder ``new`` in place of ``old`` (two renames; ``old`` is deleted after)."""
+    trash = old.with_name(f".{old.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    if old.exists():
+        old.rename(trash)
+    new.rename(old)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def read_sample_ids(path: Path) -> list[str]:
     """The ImageIds (first column) of a Kaggle sample submission, in order."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -261,24 +282,36 @@ def convert(
         )
         for image_id, path in dicoms.items()
     ]
+    # everything is written into a fresh folder beside out_dir, which replaces it at the end:
+    # a kill or a full disk leaves the previous output as it was
+    work = out_dir.with_name(f".{out_dir.name}.converting")
+    shutil.rmtree(work, ignore_errors=True)
     for sub in ("images", "masks"):
-        shutil.rmtree(out_dir / sub, ignore_errors=True)
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    settings = Settings(str(out_dir), size, clahe or ClaheParams())
+        (work / sub).mkdir(parents=True)
+    settings = Settings(str(work), size, clahe or ClaheParams())
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(tasks), desc="convert", unit="img", disable=not progress)
-    for result in _results(tasks, settings, workers):
-        (failures if "reason" in result else rows).append(result)
-        bar.update()
-    bar.close()
-    rows.sort(key=lambda r: r["ImageId"])
-    failures.sort(key=lambda r: r["path"])
+    try:
+        for result in _results(tasks, settings, workers):
+            (failures if "reason" in result else rows).append(result)
+            bar.update()
+        bar.close()
+        rows.sort(key=lambda r: r["ImageId"])
+        failures.sort(key=lambda r: r["path"])
+        write_csv(work / MANIFEST, MANIFEST_FIELDS, rows)
+        write_csv(work / FAILURES, FAILURE_FIELDS, failures)
+        if sample.is_file():  # the order `submit` writes its rows in
+            write_test_order(work, read_sample_ids(sample))
+    except OSError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConvertError(
+                f"{out_dir}: no space left on the device; free some and rerun (the previous "
+                "output is untouched)"
+            ) from None
+        raise
+    replace_dir(work, out_dir)
     manifest, failures_csv = out_dir / MANIFEST, out_dir / FAILURES
-    write_csv(manifest, MANIFEST_FIELDS, rows)
-    write_csv(failures_csv, FAILURE_FIELDS, failures)
-    (out_dir / TEST_ORDER).unlink(missing_ok=True)
-    if sample.is_file():  # the order `submit` writes its rows in
-        write_test_order(out_dir, read_sample_ids(sample))
     for failure in failures:
         log.warning("convert: skipped %s: %s", failure["path"], failure["reason"])
     return ConvertSummary(

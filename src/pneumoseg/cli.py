@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -235,13 +236,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParamsError as exc:
         print(redact_text(str(exc)), file=sys.stderr)
         return 2
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a preempted machine: as Ctrl-C
     try:
         command.runner()(params, progress=not args.quiet, **extra)
+    except KeyboardInterrupt as stop:
+        stop = stop if isinstance(stop, Interrupted) else Interrupted()
+        print(
+            f"pneumoseg {args.command}: stopped by {stop.name}; rerun the same command to "
+            "continue (training resumes from its last epoch)",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     except (ValueError, RuntimeError, OSError) as exc:
         # Our own error types subclass these; their messages are one line for the user.
         print(f"pneumoseg {args.command}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the command stops where it is (exit code 128 + the signal)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS ?= 1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test lint bench engines
+.PHONY: setup demo test faults lint bench engines
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ engines:
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
 	    >/dev/null; } || echo "make engines: PostgreSQL missing (install the postgresql package)"
+
+# The fault suite's long variants (10 seeds, 500 fuzzed DICOMs); rewrites the README table.
+faults: setup engines
+	PNEUMOSEG_FAULT_SEEDS=10 PNEUMOSEG_FAULT_FUZZED=500 PNEUMOSEG_FAULT_README=1 \
+	  pytest -m faults tests/faults
 
 lint: setup
 	ruff check src tests bench

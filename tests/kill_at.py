@@ -1,7 +1,7 @@
-"""Run ``pneumoseg ARGS`` in this process and kill -9 it right after its training resume state
-holds EPOCHS epochs (a deterministic kill point for the resume tests):
+"""Run ``pneumoseg ARGS`` in this process and send it SIGNAL right after its training resume
+state holds EPOCHS epochs (a deterministic interruption point for the resume tests):
 
-    python tests/kill_at.py EPOCHS train --fold 1
+    python tests/kill_at.py EPOCHS [SIGKILL|SIGTERM|SIGINT] train --fold 1
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ from pneumoseg.cli import main
 from pneumoseg.training.state import ResumeStore
 
 EPOCHS = int(sys.argv[1])
+SIGNAL = signal.Signals[sys.argv[2]] if sys.argv[2].startswith("SIG") else signal.SIGKILL
+ARGS = sys.argv[3:] if sys.argv[2].startswith("SIG") else sys.argv[2:]
 save = ResumeStore.save
 
 
-def save_then_die(self: ResumeStore, state, torch_state) -> None:  # type: ignore[no-untyped-def]
+def save_then_signal(self: ResumeStore, state, torch_state) -> None:  # type: ignore[no-untyped-def]
     save(self, state, torch_state)
     if len(state.history) == EPOCHS:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), SIGNAL)
 
 
-ResumeStore.save = save_then_die  # type: ignore[method-assign]
-sys.exit(main(sys.argv[2:]))
+ResumeStore.save = save_then_signal  # type: ignore[method-assign]
+sys.exit(main(ARGS))

@@ -27,7 +27,10 @@ TINY: dict[str, Any] = {
         "folds": [0, 1],
         "batch_size": 4,
         "model": {"encoder": "tu-mobilenetv3_small_100", "decoder_channels": [32, 16, 8, 8, 4]},
-        "checkpoint": {"top_k": 2},
+        # the round-2 issue-11 tests were written for these (the demo defaults: none + swa)
+        "selection": {"mode": "inner"},
+        "checkpoint": {"top_k": 2, "final": "best"},
+        "swa": {"epochs": 0},
         "parts": [
             {
                 "size": 64,

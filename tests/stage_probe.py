@@ -12,6 +12,7 @@ native code (OpenCV's imwrite/imread) are not seen by the audit hook; everything
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -45,6 +46,11 @@ class Recorder:
 
     def __repr__(self) -> str:
         return f"Recorder({self._path})"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Sent to a worker process: the section itself, read as a whole."""
+        self._reads.add(self._path)
+        return copy.copy, (self._obj,)
 
 
 class RecordingList(list):

@@ -597,3 +597,14 @@ def test_a_worker_that_dies_is_isolated_and_the_rest_converted(
     assert (summary.converted, summary.failed) == (5, 1)
     failures = (tmp_path / "out/failures.csv").read_text()
     assert "1.2.9.3.dcm,the decoder killed its worker process" in failures
+
+
+@pytest.mark.timeout(180)
+def test_a_file_over_the_time_limit_is_a_failure_row(tmp_path: Path) -> None:
+    """A decode that outlasts ``data.file_timeout`` ends its worker (SIGALRM at its default
+    action, which also stops native code) and is named; one worker is enough."""
+    raw = _raw_with(tmp_path, [])
+    summary = convert(raw, tmp_path / "out", 32, workers=1, file_timeout=1e-6, progress=False)
+    assert (summary.converted, summary.failed) == (0, 6)
+    failures = (tmp_path / "out/failures.csv").read_text().splitlines()[1:]
+    assert all("longer than data.file_timeout (1e-06 s)" in line for line in failures)

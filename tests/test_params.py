@@ -226,3 +226,19 @@ def test_schema_defaults_are_the_shipped_params(tmp_path: Path) -> None:
     defaults = flatten(load_params(tmp_path / "params.yaml").model_dump(mode="json"))
     differ = {k for k in shipped.keys() | defaults.keys() if shipped.get(k) != defaults.get(k)}
     assert not differ, sorted(differ)
+
+
+def test_a_library_traceback_in_the_log_is_one_line() -> None:
+    import logging
+
+    from pneumoseg.cli import OneLineFormatter
+
+    try:
+        raise RuntimeError("libjpeg error code '-1038' returned from Decode()")
+    except RuntimeError:
+        record = logging.getLogger("pydicom").makeRecord(
+            "pydicom", logging.ERROR, __file__, 1, "decoding failed", (), sys.exc_info()
+        )
+    line = OneLineFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    error = "RuntimeError: libjpeg error code '-1038' returned from Decode()"
+    assert line == f"ERROR pydicom: decoding failed ({error})"

@@ -440,3 +440,24 @@ def test_trial_params_keep_the_first_parts_and_stay_out_of_the_pipeline(tmp_path
     assert params.train.parts[0].loss.bce != 2.5  # the pipeline's params are untouched
     with pytest.raises(ParamsError, match=r"train\.parts\[0\]\.loss\.bce: must be >= 0"):
         trial_params(params, cfg, {BCE: -1.0}, tmp_path / "t4", "exp")
+
+
+def test_a_torn_journal_tail_is_dropped_and_a_corrupt_record_named(tmp_path: Path) -> None:
+    import optuna
+
+    from pneumoseg.studies.storage import JournalError, open_storage
+
+    journal = tmp_path / "journal.log"
+    study = optuna.create_study(study_name="s", storage=open_storage(str(journal)))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 4, "wor')  # an append cut short by kill -9
+    study = optuna.load_study(study_name="s", storage=open_storage(str(journal)))
+    assert journal.read_bytes() == whole
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert len(optuna.load_study(study_name="s", storage=open_storage(str(journal))).trials) == 3
+
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:3] + [b"{garbage\n"] + lines[3:]))
+    with pytest.raises(JournalError, match=r"journal.log: line 4 is not a JSON record.*head -n 3"):
+        open_storage(str(journal))

@@ -214,11 +214,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class OneLineFormatter(logging.Formatter):
+    """Log records on one line: an attached traceback becomes its last line (the error).
+
+    pydicom logs a decoder's traceback for a corrupt file that pneumoseg already reports as a
+    failure row; a user reads one line per problem, not a stack.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(
+            logging.makeLogRecord(
+                {**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None}
+            )
+        )
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            line += f" ({type(error).__name__}: {one_line(error)})"
+        return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pneumoseg`` console script."""
     args = build_parser().parse_args(argv)
     # Our own progress lines at INFO; other libraries only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # libraries' tracebacks shrink to one line
+        handler.setFormatter(OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger("pneumoseg").setLevel(logging.INFO)
     from pneumoseg.params import ParamsError, load_params
     from pneumoseg.redact import RedactingFilter, redact_text
@@ -249,11 +270,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + stop.signum
     except (ValueError, RuntimeError, OSError) as exc:
         # Our own error types subclass these; their messages are one line for the user.
-        print(f"pneumoseg {args.command}: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"pneumoseg {args.command}: error: {redact_text(one_line(exc))}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """The user's line of an error; one re-raised by a DataLoader worker carries the worker's
+    traceback in its message, whose last line is the original error."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 class Interrupted(KeyboardInterrupt):

@@ -14,6 +14,7 @@ import errno
 import logging
 import multiprocessing
 import shutil
+import signal
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -65,6 +66,7 @@ class Settings:
     out_dir: str
     size: int
     clahe: ClaheParams
+    file_timeout: float = 60.0
 
 
 @dataclass
@@ -168,8 +170,15 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def _convert_task(task: Task, settings: Settings) -> dict[str, Any]:
-    """What a worker runs (a module-level name: ``convert_one`` is looked up in the worker)."""
-    return convert_one(task, settings)
+    """What a worker runs (a module-level name: ``convert_one`` is looked up in the worker).
+    SIGALRM at its default action ends the worker after ``file_timeout`` seconds even inside
+    native code; the pool then names the file like any crash."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, settings.file_timeout)
+    try:
+        return convert_one(task, settings)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _pooled(tasks: list[Task], settings: Settings, workers: int) -> Iterator[dict[str, Any]]:
@@ -211,15 +220,17 @@ def _alone(task: Task, settings: Settings) -> dict[str, Any]:
         try:
             return pool.submit(_convert_task, task, settings).result()
         except BrokenProcessPool:
-            reason = "the decoder killed its worker process (a crash in native code)"
+            reason = (
+                "the decoder killed its worker process (a crash in native code) or took longer "
+                f"than data.file_timeout ({settings.file_timeout:g} s)"
+            )
             return {"path": report_path(task.path), "reason": reason}
 
 
 def _results(tasks: list[Task], settings: Settings, workers: int) -> Iterator[dict[str, Any]]:
-    if workers <= 1 or len(tasks) < 2:
-        yield from (convert_one(t, settings) for t in tasks)
-    else:
-        yield from _pooled(tasks, settings, workers)
+    """Always in worker processes (one is enough), so a file that crashes or hangs its
+    decoder is a failure row rather than the end of the conversion."""
+    yield from _pooled(tasks, settings, max(1, workers))
 
 
 def replace_dir(new: Path, old: Path) -> None:
@@ -246,6 +257,7 @@ def convert(
     dialect: str = "auto",
     workers: int = 1,
     clahe: ClaheParams | None = None,
+    file_timeout: float = 60.0,
     sample_submission: str | Path | None = None,
     progress: bool = True,
 ) -> ConvertSummary:
@@ -288,7 +300,7 @@ def convert(
     shutil.rmtree(work, ignore_errors=True)
     for sub in ("images", "masks"):
         (work / sub).mkdir(parents=True)
-    settings = Settings(str(work), size, clahe or ClaheParams())
+    settings = Settings(str(work), size, clahe or ClaheParams(), file_timeout)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(tasks), desc="convert", unit="img", disable=not progress)
     try:

@@ -26,7 +26,10 @@ def read_gray(path: Path, size: int | None = None, mask: bool = False) -> np.nda
     nearest for masks)."""
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
-        raise FileNotFoundError(f"{path}: missing or unreadable PNG")
+        raise FileNotFoundError(
+            f"{path}: missing or unreadable PNG; restore it with `dvc checkout "
+            f"{path.parent.parent}` or rerun `dvc repro -f -s convert`"
+        )
     if size is not None and image.shape != (size, size):
         interp = cv2.INTER_NEAREST if mask else cv2.INTER_AREA
         image = cv2.resize(image, (size, size), interpolation=interp)

@@ -19,6 +19,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "data.clahe",
         "data.sample_submission",
         "data.max_failed_fraction",
+        "data.file_timeout",
     ),
     "split": ("split.n_folds", "split.seed"),
     "train": (

@@ -48,6 +48,7 @@ class DataParams(Strict):
     clahe: ClaheParams = ClaheParams()
     sample_submission: str | None = None  # None: <raw_dir>/sample_submission.csv if present
     workers: int = Field(2, ge=1)
+    file_timeout: float = Field(60, gt=0)  # seconds per DICOM; longer is a failure row
     max_failed_fraction: Fraction = 0.05
 
 
@@ -140,7 +141,7 @@ def demo_parts() -> list[PartParams]:
         PartParams(),
         PartParams(
             size=256,
-            epochs=6,
+            epochs=10,
             lr=1e-3,
             scheduler=SchedulerParams(min_lr=1e-5, warmup_epochs=0),
             sample_rate=SampleRateParams(start=0.4, end=0.3),
@@ -171,7 +172,7 @@ class SelectionParams(Strict):
     whole training set trains and the last epoch (or SWA) is the model. ``held_out``: the fold's
     own held-out images decide, which OOF then scores (optimistic; the round-1 behaviour)."""
 
-    mode: Literal["inner", "none", "held_out"] = "inner"
+    mode: Literal["inner", "none", "held_out"] = "none"
     inner_fraction: float = Field(0.15, gt=0, lt=0.5)
 
 
@@ -181,13 +182,13 @@ class CheckpointParams(Strict):
     monitor: str = "val_loss"  # any column of plots/fold<k>/history.csv
     mode: Literal["max", "min"] = "min"
     top_k: int = Field(3, ge=1)
-    final: Literal["best", "average_top_k", "swa", "last"] = "best"
+    final: Literal["best", "average_top_k", "swa", "last"] = "swa"
 
 
 class SWAParams(Strict):
     """Stochastic weight averaging over the last ``epochs`` epochs of the last part."""
 
-    epochs: int = Field(0, ge=0)  # 0: off
+    epochs: int = Field(4, ge=0)  # 0: off
     lr: float | None = Field(None, gt=0)  # None: keep the part's schedule
 
 

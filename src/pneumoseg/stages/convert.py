@@ -18,6 +18,7 @@ def run(params: Params, progress: bool = True) -> ConvertSummary:
         rle_csv=data.rle_csv,
         dialect=data.rle_dialect,
         workers=data.workers,
+        file_timeout=data.file_timeout,
         clahe=data.clahe,
         sample_submission=data.sample_submission,
         progress=progress,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -49,7 +50,41 @@ def open_storage(storage: str | None, heartbeat: int | None = None) -> Any:
     # path, leaves a dangling link when a worker is killed and the next one spins forever.
     # A lock left by a killed worker is broken after LOCK_GRACE_SECONDS.
     lock = JournalFileOpenLock(str(path), grace_period=LOCK_GRACE_SECONDS)
+    if path.is_file():
+        lock.acquire()
+        try:
+            check_journal(path)
+        finally:
+            lock.release()
     return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+
+
+class JournalError(ValueError):
+    """A journal file with a record that is not JSON (one line naming it and the way out)."""
+
+
+def check_journal(path: Path) -> None:
+    """Drop a torn last record (an append cut short by a kill, which Optuna skips on reading
+    but would glue to the next append) and refuse a corrupt record anywhere else: every record
+    after it would be unreadable."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with path.open("r+b") as fh:
+            fh.truncate(keep)
+            os.fsync(fh.fileno())
+        log.warning("%s: dropped a torn last record (%d bytes)", path, len(data) - keep)
+        data = data[:keep]
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise JournalError(
+                f"{path}: line {number} is not a JSON record; keep the {number - 1} records "
+                f"before it with `mv {path} {path}.bad && head -n {number - 1} {path}.bad > "
+                f"{path}` (trials recorded after it are lost) or move the file aside to start "
+                "the studies afresh"
+            ) from None
 
 
 def open_rdb_storage(url: str, heartbeat: int | None = None) -> Any:

@@ -1,0 +1,398 @@
+"""Faults injected into the real commands (subprocesses, real files, real stores), each checked
+against an uninterrupted run: the same bytes or numbers where the run is deterministic,
+otherwise one clear line and a documented exit code, never a half-written output.
+
+Exit codes: 0 done, 1 a one-line error, 2 bad params, 128 + N stopped by signal N
+(130 SIGINT, 143 SIGTERM), -9 killed. The long variants (more seeds, 500 fuzzed DICOMs) run
+with ``make faults``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from pipeline_helpers import BIN, DvcProject, Pipeline, env, set_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+Record = Callable[[str, str, str, bool], None]
+HERE = Path(__file__).resolve().parent
+SEEDS = int(os.environ.get("PNEUMOSEG_FAULT_SEEDS", "3"))  # make faults: 10
+FUZZED = int(os.environ.get("PNEUMOSEG_FAULT_FUZZED", "60"))  # make faults: 500
+
+
+def pneumoseg(project: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pneumoseg", *args],
+        cwd=project,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file below ``root`` (relative path -> digest)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_line(text: str) -> bool:
+    lines = [x for x in text.strip().splitlines() if not x.startswith(("WARNING", "INFO"))]
+    return len(lines) == 1 and "Traceback" not in text
+
+
+# ------------------------------------------------------------------------------ convert
+@pytest.fixture(scope="module")
+def converted(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny project with a clean conversion (2 workers) to compare against."""
+    project = tiny_pipeline.copy(tmp_path_factory.mktemp("faults") / "p")
+    set_params(project, {"data": {"workers": 2}})
+    shutil.rmtree(project / "data/processed")
+    assert pneumoseg(project, "-q", "convert").returncode == 0
+    return project
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_kill_9_in_convert_then_rerun_gives_a_clean_conversion(
+    converted: Path, tmp_path: Path, seed: int, record: Record
+) -> None:
+    project = shutil.copytree(converted, tmp_path / "p", symlinks=True)
+    clean = tree_digest(project / "data/processed")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pneumoseg", "-q", "convert"], cwd=project, env=env()
+    )
+    time.sleep(random.Random(seed).uniform(0.3, 2.5))  # anywhere from imports to the end
+    proc.kill()
+    proc.wait()
+    untouched = tree_digest(project / "data/processed") == clean  # old output still whole
+    rerun = pneumoseg(project, "-q", "convert")
+    held = untouched and rerun.returncode == 0 and tree_digest(project / "data/processed") == clean
+    record("kill -9 at a random point", "convert", "previous output intact, rerun identical", held)
+    assert held, rerun.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_in_convert_stops_cleanly(
+    converted: Path, tmp_path: Path, name: str, record: Record
+) -> None:
+    project = shutil.copytree(converted, tmp_path / "p", symlinks=True)
+    clean = tree_digest(project / "data/processed")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pneumoseg", "-q", "convert"],
+        cwd=project,
+        env=env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.5)  # past the imports, while converting
+    proc.send_signal(signal.Signals[name])
+    _, err = proc.communicate(timeout=120)
+    code = 128 + signal.Signals[name] if proc.returncode > 0 else proc.returncode
+    stopped = proc.returncode == 0 or (proc.returncode == code and "stopped by" in err)
+    rerun = pneumoseg(project, "-q", "convert")
+    held = stopped and rerun.returncode == 0 and tree_digest(project / "data/processed") == clean
+    record(f"{name}", "convert", "exit 128+N with one line (or done), rerun identical", held)
+    assert held, err[-2000:]
+
+
+def test_a_full_disk_stops_convert_with_one_line(
+    converted: Path, tmp_path: Path, record: Record
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    project = shutil.copytree(converted, tmp_path / "p", symlinks=True)
+    clean = tree_digest(project / "data/processed")
+    disk = project / "data"
+    shutil.move(str(disk), str(tmp_path / "data.real"))
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)])
+    if mounted.returncode:
+        shutil.rmtree(disk)
+        shutil.move(str(tmp_path / "data.real"), str(disk))
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (disk / "raw").symlink_to(tmp_path / "data.real/raw")  # the inputs stay readable
+        shutil.copytree(tmp_path / "data.real/processed", disk / "processed")  # fits in 400k
+        full = pneumoseg(project, "-q", "convert")
+        kept = tree_digest(disk / "processed") == clean
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    shutil.rmtree(disk)
+    shutil.move(str(tmp_path / "data.real"), str(disk))
+    rerun = pneumoseg(project, "-q", "convert")  # space again
+    held = (
+        full.returncode == 1
+        and "no space left on the device" in full.stderr
+        and one_line(full.stderr)
+        and kept
+        and rerun.returncode == 0
+        and tree_digest(disk / "processed") == clean
+    )
+    record("disk full", "convert", "one line, previous output intact, rerun succeeds", held)
+    assert held, full.stderr[-2000:]
+
+
+def fuzz(source: Path, out: Path, n: int, seed: int) -> list[Path]:
+    """``n`` damaged copies of the DICOMs below ``source``: byte flips, truncations and header
+    changes (seeded)."""
+    rng = random.Random(seed)
+    files = sorted(source.rglob("*.dcm"))
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for k in range(n):
+        raw = bytearray(rng.choice(files).read_bytes())
+        kind = k % 3
+        if kind == 0:  # byte flips anywhere
+            for _ in range(rng.randrange(1, 40)):
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+        elif kind == 1:  # truncation
+            raw = raw[: rng.randrange(1, len(raw))]
+        else:  # the header and the start of the pixel data
+            for _ in range(rng.randrange(1, 8)):
+                raw[rng.randrange(min(len(raw), 4096))] = rng.randrange(256)
+        path = out / f"1.2.840.99.{seed}.{k}.dcm"
+        path.write_bytes(bytes(raw))
+        made.append(path)
+    return made
+
+
+@pytest.mark.timeout(600)
+def test_fuzzed_dicoms_never_crash_or_hang_convert_or_predict(
+    tiny_pipeline: Pipeline, tmp_path: Path, record: Record
+) -> None:
+    from pneumoseg.dicom import DicomReadError, read_dicom
+
+    raw = tmp_path / "raw"
+    files = fuzz(tiny_pipeline.path / "data/raw/demo", raw, FUZZED, seed=11)
+    (raw / "train-rle.csv").write_text("ImageId, EncodedPixels\n")
+    readable = set()
+    for path in files:
+        try:
+            read_dicom(path)
+            readable.add(path.stem)
+        except DicomReadError:
+            pass
+    out = tmp_path / "processed"
+    conversion = subprocess.run(
+        [sys.executable, "-m", "pneumoseg", "-q", "convert", "--dicom-dir", str(raw),
+         "--out", str(out), "--workers", "2"],
+        cwd=tiny_pipeline.path, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    manifest = (out / "manifest.csv").read_text().splitlines()[1:] if out.exists() else []
+    failures = (out / "failures.csv").read_text().splitlines()[1:] if out.exists() else []
+    converted_ids = {line.split(",")[0] for line in manifest}
+    held = (
+        conversion.returncode in (0, 1)  # 1: more failed than data.max_failed_fraction allows
+        and "Traceback" not in conversion.stderr
+        and converted_ids == readable
+        and len(manifest) + len(failures) == len(files)
+        and all(line.split(",", 1)[1].strip() for line in failures)  # every one with a reason
+    )
+    record(f"{FUZZED} fuzzed DICOMs", "convert", "no crash or hang, each bad file named", held)
+    assert held, conversion.stderr[-2000:]
+    prediction = subprocess.run(
+        [sys.executable, "-m", "pneumoseg", "-q", "predict", "--model", "models", "--input",
+         str(raw), "--out", str(tmp_path / "pred")],
+        cwd=tiny_pipeline.path, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    predicted = (tmp_path / "pred/predictions.csv").read_text().splitlines()[1:]
+    skipped = (tmp_path / "pred/failures.csv").read_text().splitlines()[1:]
+    held = (
+        prediction.returncode == 0
+        and {line.split(",")[0] for line in predicted} == readable
+        and len(predicted) + len(skipped) == len(files)
+        and "Traceback" not in prediction.stderr
+    )
+    record(f"{FUZZED} fuzzed DICOMs", "predict", "no crash or hang, each bad file named", held)
+    assert held, prediction.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- training
+FOUR_EPOCHS = {
+    "train": {
+        "parts": [
+            {"size": 64, "epochs": 2, "lr": 0.003, "loss": {"bce": 1, "dice": 1}},
+            {"size": 64, "epochs": 2, "lr": 0.001, "scheduler": {"name": "constant"}},
+        ]
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def trained_once(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fold 0 trained without interruption (the reference weights)."""
+    project = tiny_pipeline.copy(tmp_path_factory.mktemp("faults-train") / "p")
+    set_params(project, FOUR_EPOCHS)
+    shutil.rmtree(project / "mlruns")
+    assert pneumoseg(project, "-q", "train", "--fold", "0").returncode == 0
+    return project
+
+
+def weights(project: Path) -> dict[str, torch.Tensor]:
+    return torch.load(project / "models/folds/fold0/model.pt", weights_only=True)["state_dict"]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def interrupt_training(project: Path, epochs: int, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(HERE.parent / "kill_at.py"), str(epochs), name, "-q", "train",
+         "--fold", "0"],
+        cwd=project, env=env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "epochs"), [("SIGTERM", 1), ("SIGINT", 3)])
+def test_a_signal_in_training_stops_it_and_the_rerun_resumes_exactly(
+    trained_once: Path, tmp_path: Path, name: str, epochs: int, record: Record
+) -> None:
+    project = shutil.copytree(trained_once, tmp_path / "p", symlinks=True)
+    for out in ("models", "metrics", "plots", "mlruns"):
+        shutil.rmtree(project / out, ignore_errors=True)
+    stopped = interrupt_training(project, epochs, name)
+    code = 128 + signal.Signals[name]
+    rerun = pneumoseg(project, "-q", "train", "--fold", "0")
+    held = (
+        stopped.returncode == code
+        and "stopped by" in stopped.stderr
+        and rerun.returncode == 0
+        and same_weights(project, trained_once)
+    )
+    record(name, "train", f"exit {code} with one line; the rerun ends with identical weights", held)
+    assert held, (stopped.stderr + rerun.stderr)[-2000:]
+
+
+def test_a_torn_resume_state_falls_back_one_generation(
+    trained_once: Path, tmp_path: Path, record: Record
+) -> None:
+    project = shutil.copytree(trained_once, tmp_path / "p", symlinks=True)
+    for out in ("models", "metrics", "plots", "mlruns"):
+        shutil.rmtree(project / out, ignore_errors=True)
+    assert interrupt_training(project, 3, "SIGKILL").returncode == -signal.SIGKILL
+    last = project / "checkpoints/fold0/last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # torn
+    rerun = pneumoseg(project, "-q", "train", "--fold", "0")
+    held = (
+        rerun.returncode == 0
+        and "unreadable" in rerun.stderr
+        and same_weights(project, trained_once)
+    )
+    record("truncated last.pt", "train", "resumes from previous.pt, identical weights", held)
+    assert held, rerun.stderr[-2000:]
+
+    # both generations torn, a torn top-k checkpoint: one line naming the file, exit 1
+    assert interrupt_training(project, 3, "SIGKILL").returncode == -signal.SIGKILL
+    for name in ("last.pt", "previous.pt"):
+        path = project / "checkpoints/fold0" / name
+        path.write_bytes(path.read_bytes()[:100])
+    both = pneumoseg(project, "-q", "train", "--fold", "0")
+    held = both.returncode == 1 and "last.pt" in both.stderr and one_line(both.stderr)
+    record("truncated last.pt and previous.pt", "train", "one line naming them, exit 1", held)
+    assert held, both.stderr[-2000:]
+    shutil.rmtree(project / "checkpoints")
+    # killed after the last epoch, the rerun goes straight to the final weights, which read the
+    # last part's top-k checkpoints
+    epochs = len((trained_once / "plots/fold0/history.csv").read_text().splitlines()) - 1
+    assert interrupt_training(project, epochs, "SIGKILL").returncode == -signal.SIGKILL
+    last_part = sorted((project / "checkpoints/fold0").glob("part*-epoch*.pt"))[-1].name[:5]
+    kept = sorted((project / "checkpoints/fold0").glob(f"{last_part}-*.pt"))
+    for path in kept:
+        path.write_bytes(path.read_bytes()[:100])
+    torn = pneumoseg(project, "-q", "train", "--fold", "0")
+    held = (
+        torn.returncode == 1 and any(p.name in torn.stderr for p in kept) and one_line(torn.stderr)
+    )
+    record("truncated top-k checkpoint", "train", "one line naming it, exit 1", held)
+    assert held, torn.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ torn pipeline files
+TORN = [  # (file to damage, how, the command that reads it, what the line must name)
+    ("data/processed/images/{first}.png", "half", "train --fold 0", "dvc checkout"),
+    ("models/postprocess.json", "garbage", "submit", "dvc checkout"),
+    ("data/processed/manifest.csv", "drop_column", "thresholds", "dvc checkout"),
+    ("optuna/journal.log", "garbage_line", "thresholds", "head -n"),
+]
+DAMAGE = {
+    "half": "a half-written PNG in data/processed",
+    "garbage": "a corrupt postprocess.json",
+    "drop_column": "manifest.csv without a column",
+    "garbage_line": "a corrupt record in optuna/journal.log",
+}
+
+
+@pytest.mark.parametrize(("target", "how", "command", "hint"), TORN)
+def test_a_torn_file_is_one_line_naming_it(
+    tiny_pipeline: Pipeline,
+    tmp_path: Path,
+    target: str,
+    how: str,
+    command: str,
+    hint: str,
+    record: Record,
+) -> None:
+    project = tiny_pipeline.copy(tmp_path / "p")
+    first = sorted((project / "data/processed/images").glob("*.png"))[0].stem
+    path = project / target.format(first=first)
+    data = path.read_bytes()
+    if how == "half":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"{not json")
+    elif how == "drop_column":
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(",".join(x.split(",")[:1]) for x in lines) + "\n")
+    else:
+        path.write_bytes(data + b"{garbage\n")
+    if command == "thresholds":  # a new study, so the journal is read and appended
+        set_params(project, {"thresholds": {"seed": 99}})
+    proc = pneumoseg(project, "-q", *command.split())
+    name = Path(target).name.replace("{first}", first)
+    held = (
+        proc.returncode == 1
+        and name in proc.stderr
+        and hint in proc.stderr
+        and one_line(proc.stderr)
+    )
+    record(DAMAGE[how], command.split()[0], "one line naming the file and the way out", held)
+    assert held, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------- concurrency
+def test_two_dvc_repro_at_once_the_second_is_refused(
+    dvc_project: DvcProject, tmp_path: Path, record: Record
+) -> None:
+    project = dvc_project.copy(tmp_path / "p")
+    set_params(project, {"thresholds": {"seed": 5}})  # something to run
+    first = subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "thresholds"], cwd=project, env=env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(2.0)
+    second = subprocess.run(
+        [str(BIN / "dvc"), "repro", "thresholds"], cwd=project, env=env(),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    first.wait(timeout=300)
+    held = first.returncode == 0 and second.returncode != 0 and "lock" in second.stderr.lower()
+    record("two `dvc repro` at once", "dvc", "the second is refused by DVC's lock", held)
+    assert held, second.stderr[-2000:]

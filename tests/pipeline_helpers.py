@@ -241,3 +241,14 @@ def reproduced_project(path: Path, overrides: dict[str, Any] | None = None) -> D
     ran = repro(project)
     git_commit(project, "dvc repro", tag="base")
     return DvcProject(project, ran)
+
+
+# Four epochs in two parts at 64 px: the smallest training with a part hand-over (fault cases).
+TWO_PART_TRAINING = {
+    "train": {
+        "parts": [
+            {"size": 64, "epochs": 2, "lr": 0.003, "loss": {"bce": 1, "dice": 1}},
+            {"size": 64, "epochs": 2, "lr": 0.001, "scheduler": {"name": "constant"}},
+        ]
+    }
+}

@@ -1,9 +1,9 @@
 """MLflow tracking that never kills the work, plus lineage (git, data hash, DVC experiment).
 
 - The one place that resolves the tracking store (:func:`tracking_uri`), creates experiments
-  (:func:`ensure_experiment`) and tags runs (:func:`lineage_tags`).
-- :class:`Tracker`: one run, resumable by id. Every call is guarded: a failing backend warns
-  once and the local files (``plots/``, ``metrics/``, ``models/``) stay the record.
+  (:func:`ensure_experiment`) and tags runs (:func:`pneumoseg.lineage.lineage_tags`).
+- :class:`Tracker`: one run, resumable by id. Every call is guarded: a failing backend pauses
+  tracking with a warning (the local files stay the record) until :meth:`Tracker.reconnect`.
   :meth:`Tracker.log_rows` logs per-epoch rows exactly once per step, also across a kill and
   resume (it asks the run which steps it already holds).
 - A local sqlite store is shared by concurrent processes (``dvc queue start -j 2``, study
@@ -14,28 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
+import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pneumoseg.lineage import lineage_tags
 from pneumoseg.params import MlflowParams
 from pneumoseg.paths import has_scheme, in_repo, sqlite_in_repo
 from pneumoseg.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
 MAX_VALUE = 6000  # MLflow's limit for a param value
-DVC_EXPERIMENT_TAGS = {
-    "DVC_EXP_NAME": "dvc_exp_name",
-    "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev",
-}
 
 
 def tracking_uri(cfg: MlflowParams) -> str:
@@ -154,101 +149,65 @@ def fluent_run(uri: str, run_id: str | None) -> Iterator[None]:
         yield
 
 
-def git_info(cwd: str | Path = ".") -> dict[str, str]:
-    """Current commit and dirty flag (``unknown`` outside a git checkout)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=20
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
-
-
-def lineage_tags() -> dict[str, str]:
-    """Tags every run gets: git commit and dirty flag, and inside a DVC experiment its name
-    and baseline revision (``dvc_exp_name``, ``dvc_exp_baseline_rev``), so the MLflow UI can
-    filter one experiment's runs."""
-    tags = git_info()
-    for env, tag in DVC_EXPERIMENT_TAGS.items():
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
-    return tags
-
-
-def data_hash(processed_dir: str, folds_csv: str | None = None) -> str:
-    """Hash of the processed data: the md5 DVC recorded in ``dvc.lock`` for the convert output
-    (lineage only), else a sha256 of ``manifest.csv``; combined with the folds file."""
-    processed = processed_dir.rstrip("/")
-    parts: list[str] = []
-    lock = Path("dvc.lock")
-    if lock.is_file():
-        try:
-            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-            for out in stages.get("convert", {}).get("outs", []):
-                if out.get("path", "").rstrip("/") == processed and out.get("md5"):
-                    parts.append(f"dvc:{out['md5']}")
-        except yaml.YAMLError:
-            pass
-    if not parts:
-        manifest = Path(processed) / "manifest.csv"
-        if manifest.is_file():
-            parts.append("manifest:" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:12])
-    if folds_csv and Path(folds_csv).is_file():
-        parts.append("folds:" + hashlib.sha256(Path(folds_csv).read_bytes()).hexdigest()[:12])
-    return ";".join(parts) or "unknown"
-
-
-def pip_freeze() -> str:
-    """Installed distributions as ``name==version`` lines (no subprocess)."""
-    dists = {(d.metadata["Name"] or "?"): d.version for d in metadata.distributions()}
-    return "\n".join(f"{n}=={v}" for n, v in sorted(dists.items(), key=lambda x: x[0].lower()))
+# Retried at every epoch end, not by MLflow's ~4 minutes of retries per call; the user's wins.
+RETRY_LATER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 class Tracker:
-    """One MLflow run, resumable by id. A failing backend turns the tracker off with a warning.
+    """One MLflow run, resumable by id. A failing backend pauses tracking with a warning; the
+    work goes on and :meth:`reconnect` (called by training at every epoch end) resumes it once
+    the store answers again: a run that could not be created is created then, with its params.
 
     Every run it creates carries :func:`lineage_tags`; params, tags and text artifacts pass
     through :func:`pneumoseg.redact.redact` (no URL password reaches MLflow).
     """
 
     def __init__(
-        self, cfg: MlflowParams, enabled: bool = True, experiment: str | None = None
+        self,
+        cfg: MlflowParams,
+        enabled: bool = True,
+        experiment: str | None = None,
+        retry_later: bool = False,
     ) -> None:
+        if retry_later and enabled:  # the caller calls reconnect() again and again
+            for key, value in RETRY_LATER_ENV.items():
+                os.environ.setdefault(key, value)
         self.cfg = cfg
         self.experiment = experiment or cfg.experiment
         self.enabled = enabled
         self.client: Any = None
         self.uri = ""
         self.run_id: str | None = None
-        self.failed = False
+        self.failed = False  # the store stopped answering (until a reconnect succeeds)
+        self.missed = False  # a call was lost: the run is incomplete unless backfilled
         self._logged_steps: set[int] | None = None  # steps of log_rows already in the run
+        self._pending: tuple[str, dict[str, str]] | None = None  # a run not created yet
+        self._pending_params: dict[str, Any] = {}
 
     def _fail(self, what: str, exc: Exception) -> None:
+        self.missed = True
         if not self.failed:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            log.warning(
-                "MLflow %s failed (%s: %s); the work goes on without tracking and its record "
-                "stays in the local files (plots/, metrics/, models/). Once the server is back, "
-                "`pneumoseg upload --fold K` puts a fold training into MLflow (other stages: "
-                "rerun them, `dvc repro -f -s <stage>`).",
-                what,
-                type(exc).__name__,
-                redact_text(first),
+            first = redact_text(str(exc).splitlines()[0] if str(exc) else "")
+            hint = (
+                "the work goes on, the local files (plots/, metrics/, models/) keep the record "
+                "and training resumes tracking when the store answers; if it stays away, "
+                "`pneumoseg upload --fold K` completes a fold's run (other stages: rerun them, "
+                "`dvc repro -f -s <stage>`)"
             )
+            log.warning("MLflow %s failed (%s: %s); %s", what, type(exc).__name__, first, hint)
         self.failed = True
 
     @property
     def active(self) -> bool:
         return self.enabled and not self.failed and self.run_id is not None
 
+    @property
+    def complete(self) -> bool:
+        """The run exists and holds everything logged so far (no call was lost for good)."""
+        return self.run_id is not None and not self.failed and not self.missed
+
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one ``MlflowClient`` method under the store lock; a failure turns tracking off."""
+        """Run one ``MlflowClient`` method under the store lock; a failure pauses tracking."""
         if not self.active:
             return None
         try:
@@ -259,9 +218,11 @@ class Tracker:
             return None
 
     def start(self, run_name: str, tags: dict[str, str], run_id: str | None = None) -> str | None:
-        """Create a run (or reopen ``run_id``); returns the run id or None if tracking failed."""
+        """Create a run (or reopen ``run_id``); returns the run id or None if tracking failed
+        (:meth:`reconnect` then creates it later)."""
         if not self.enabled:
             return None
+        self._pending = None if run_id else (run_name, tags)
         try:
             from mlflow.tracking import MlflowClient
 
@@ -269,23 +230,48 @@ class Tracker:
             self.client = MlflowClient(tracking_uri=self.uri)
             with store_lock(self.uri):
                 if run_id is not None:
-                    self.client.update_run(run_id, status="RUNNING")
                     self.run_id = run_id
                     self._logged_steps = None
+                    self.client.update_run(run_id, status="RUNNING")
                     return run_id
                 exp_id = ensure_experiment(self.client, self.cfg, self.uri, self.experiment)
                 all_tags = {**lineage_tags(), **tags}
                 run = self.client.create_run(exp_id, run_name=run_name, tags=redact(all_tags))
             self.run_id = run.info.run_id
+            self._pending = None
             self._logged_steps = set()
         except Exception as exc:
             self._fail("start", exc)
             return None
         return self.run_id
 
+    def reconnect(self) -> bool:
+        """After a failure, try the store once more: create the run that could not be created
+        (with the params logged meanwhile) or check that the run answers; rows missed since
+        are then logged by :meth:`log_rows`. Returns whether tracking is on."""
+        if not self.enabled or not self.failed:
+            return self.active
+        self.failed = False
+        if self.run_id is None and self._pending is not None:
+            if self.start(*self._pending) is None:
+                return False
+            params, self._pending_params = self._pending_params, {}
+            self.log_params(params)
+        elif self.run_id is not None:
+            if self._call("update_run", self.run_id, status="RUNNING") is None and self.failed:
+                return False
+            self._logged_steps = None  # ask the run which rows it holds
+        if self.active:  # what training lost meanwhile were rows, which log_rows backfills
+            self.missed = False
+            log.info("MLflow answers again; tracking resumes in run %s", self.run_id)
+        return self.active
+
     def log_params(self, params: dict[str, Any]) -> None:
-        """Log params in batches of 100 (MLflow's limit per call)."""
+        """Log params in batches of 100 (MLflow's limit per call); kept for the run when it
+        could not be created yet."""
         if not self.active:
+            if self.enabled and self.run_id is None and self._pending is not None:
+                self._pending_params.update(params)
             return
         from mlflow.entities import Param
 
@@ -347,12 +333,12 @@ class Tracker:
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         """A JSON or YAML artifact (by the file's suffix), redacted."""
-        if artifact_file.endswith((".yaml", ".yml")):
-            text = yaml.safe_dump(data, sort_keys=False)
-        else:
-            import json
-
-            text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        yml = artifact_file.endswith((".yaml", ".yml"))
+        text = (
+            yaml.safe_dump(data, sort_keys=False)
+            if yml
+            else json.dumps(data, indent=2, sort_keys=True) + "\n"
+        )
         self.log_text(text, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_helpers import BIN, DvcProject, Pipeline, env, set_params
+from pipeline_helpers import BIN, TWO_PART_TRAINING, DvcProject, Pipeline, env, set_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -225,21 +225,11 @@ def test_fuzzed_dicoms_never_crash_or_hang_convert_or_predict(
 
 
 # ----------------------------------------------------------------------------- training
-FOUR_EPOCHS = {
-    "train": {
-        "parts": [
-            {"size": 64, "epochs": 2, "lr": 0.003, "loss": {"bce": 1, "dice": 1}},
-            {"size": 64, "epochs": 2, "lr": 0.001, "scheduler": {"name": "constant"}},
-        ]
-    }
-}
-
-
 @pytest.fixture(scope="module")
 def trained_once(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Fold 0 trained without interruption (the reference weights)."""
     project = tiny_pipeline.copy(tmp_path_factory.mktemp("faults-train") / "p")
-    set_params(project, FOUR_EPOCHS)
+    set_params(project, TWO_PART_TRAINING)
     shutil.rmtree(project / "mlruns")
     assert pneumoseg(project, "-q", "train", "--fold", "0").returncode == 0
     return project

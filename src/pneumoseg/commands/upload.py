@@ -1,5 +1,7 @@
 """``pneumoseg upload --fold K``: put a fold training's local record into MLflow after the
-tracking server was down while it trained (``mlflow_run_id: null`` in ``metrics/fold<k>.json``).
+tracking server was down while it trained: a new run when it never answered (``mlflow_run_id:
+null`` in ``metrics/fold<k>.json``), the missing epochs and final record into the existing run
+when it went away during the training (``mlflow_incomplete: true``).
 
 The record is what training always writes: the per-epoch history (``plots/fold<k>/history.csv``),
 the final metrics, the plots and the model files. Params must be those of the training (the
@@ -46,8 +48,9 @@ def upload_fold(params: Params, fold: int, progress: bool = True) -> str | None:
     if not metrics_path.is_file():
         raise ValueError(f"{metrics_path}: not found; train fold {fold} first")
     result: dict[str, Any] = json.loads(metrics_path.read_text())
-    if result.get("mlflow_run_id"):
-        log.info("upload: fold %d is tracked already (run %s)", fold, result["mlflow_run_id"])
+    existing = result.get("mlflow_run_id")
+    if existing and not result.get("mlflow_incomplete"):
+        log.info("upload: fold %d is tracked already (run %s)", fold, existing)
         return None
     params_hash = stage_digest(params, "train")
     if result.get("params_hash") != params_hash:
@@ -64,15 +67,19 @@ def upload_fold(params: Params, fold: int, progress: bool = True) -> str | None:
         "data_hash": str(result.get("data_hash")),
         "uploaded_after_tracking_failure": "true",
     }
-    run_id = tracker.start(f"train-fold{fold}", tags)
+    run_id = tracker.start(f"train-fold{fold}", tags, existing)  # an incomplete run: reopened
     if run_id is None:
         raise RuntimeError("MLflow is still unreachable (see the warning above); try again later")
-    tracker.log_params(flatten(stage_values(params, "train")))
-    tracker.log_rows(history)
+    if existing:
+        tracker.set_tags({"uploaded_after_tracking_failure": "true"})
+    else:
+        tracker.log_params(flatten(stage_values(params, "train")))
+    tracker.log_rows(history)  # only the epochs the run does not hold
     result["mlflow_run_id"] = run_id
+    result.pop("mlflow_incomplete", None)
     log_fold_record(tracker, params, fold, result, len(history), model=True)
     tracker.end("FINISHED")
-    if tracker.failed:
+    if not tracker.complete:
         raise RuntimeError("MLflow failed during the upload (see the warning above)")
     metrics_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(f"upload: fold {fold} -> MLflow run {run_id}; {metrics_path} records it")

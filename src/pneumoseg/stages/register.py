@@ -12,15 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pneumoseg.lineage import lineage_tags
 from pneumoseg.params import Params, digest, flatten, stage_values
-from pneumoseg.tracking import (
-    Tracker,
-    fluent_run,
-    lineage_tags,
-    scoped_env,
-    store_lock,
-    tracking_uri,
-)
+from pneumoseg.tracking import Tracker, fluent_run, scoped_env, store_lock, tracking_uri
 
 log = logging.getLogger(__name__)
 

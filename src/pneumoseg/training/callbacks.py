@@ -76,6 +76,15 @@ class History(Callback):
             write_history(t.state.history, t.plots / "history.csv")
 
 
+class Reconnect(Callback):
+    """After an MLflow outage, try the store again (before the save, so that a run created
+    late has its id in the resume state); :class:`TrackEpochs` then backfills the epochs."""
+
+    def on_epoch_end(self, t: FoldTrainer, part: Part, e: int, row: dict[str, Any]) -> None:
+        if t.tracker.reconnect() and not t.state.mlflow_run_id:
+            t.state.mlflow_run_id = t.tracker.run_id
+
+
 class SaveState(Callback):
     """Write ``last.pt`` (see :mod:`pneumoseg.training.state`)."""
 
@@ -142,7 +151,16 @@ class Barrier(Callback):
 def default_callbacks(on_epoch: Callable[[dict[str, Any]], None] | None) -> list[Callback]:
     """The end-of-epoch order (see the module docstring); ``on_epoch`` runs last."""
     last: Callback = EpochHook(on_epoch) if on_epoch is not None else Barrier()
-    return [LrSchedule(), TopK(), History(), SaveState(), TrackEpochs(), EpochLog(), last]
+    return [
+        LrSchedule(),
+        TopK(),
+        History(),
+        Reconnect(),
+        SaveState(),
+        TrackEpochs(),
+        EpochLog(),
+        last,
+    ]
 
 
 def write_history(history: list[dict[str, Any]], path: Path) -> None:

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from pneumoseg.data import SegDataset
+from pneumoseg.lineage import pip_freeze
 from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
 from pneumoseg.models import average_state_dicts, forward, save_model_file
 from pneumoseg.params import Params, stage_values
 from pneumoseg.plots import plot_history, save_overlay_grid
-from pneumoseg.tracking import Tracker, pip_freeze
+from pneumoseg.tracking import Tracker
 from pneumoseg.training.callbacks import write_history
 from pneumoseg.training.distributed import unwrap
 from pneumoseg.training.state import load_checkpoint
@@ -70,6 +71,9 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
     held_scores = held.compute()
     heldout = val_row(hv, held_scores, "heldout_")
     heldout["heldout_empty_baseline"] = held_scores["empty_baseline"]
+    if t.tracker.reconnect() and not state.mlflow_run_id:  # the store is back since the last epoch
+        state.mlflow_run_id = t.tracker.run_id
+        t.tracker.log_rows(state.history)
     best = t.best_of_part(len(cfg.parts) - 1)
     best_row = next((r for r in state.history if r["epoch"] == best[0]["epoch"]), {})
     result = {
@@ -103,14 +107,23 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
         shutil.copy2(t.work / c["path"], t.out / "checkpoints" / c["path"])
     ckpts = [c | {"monitor": t.monitor} for c in state.topk]
     (t.out / "checkpoints.json").write_text(json.dumps(ckpts, indent=2) + "\n")
-    metrics_path = Path(cfg.metrics_dir) / f"fold{t.fold}.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     write_history(state.history, t.plots / "history.csv")
     plot_history(state.history, t.plots / "learning_curves.png", t.fold)
     overlays(t, model, held, size)
     log_fold_record(t.tracker, t.params, t.fold, result, len(state.history), t.log_model)
     t.tracker.end("FINISHED")
+    if state.mlflow_run_id and not t.tracker.complete:  # `pneumoseg upload` completes it
+        result["mlflow_incomplete"] = True
+        log.warning(
+            "train fold %d: MLflow run %s misses part of the record; `pneumoseg upload --fold "
+            "%d` completes it once the store answers",
+            t.fold,
+            state.mlflow_run_id,
+            t.fold,
+        )
+    metrics_path = Path(cfg.metrics_dir) / f"fold{t.fold}.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     t.store.clear()
     print(
         f"train: fold {t.fold} done, final weights ({cfg.checkpoint.final}) on the held-out "

@@ -26,12 +26,13 @@ from pneumoseg.artifacts import read_folds
 from pneumoseg.augment import build_train_transform
 from pneumoseg.data import SegDataset
 from pneumoseg.folds import FoldImages
+from pneumoseg.lineage import data_hash
 from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
 from pneumoseg.models import build_model, forward
 from pneumoseg.params import Params, flatten, stage_digest, stage_values
 from pneumoseg.sampling import SampleRateSampler, sample_rate_at
-from pneumoseg.tracking import Tracker, data_hash
+from pneumoseg.tracking import Tracker
 from pneumoseg.training.callbacks import Callback, default_callbacks
 from pneumoseg.training.distributed import Dist
 from pneumoseg.training.parts import Part, make_optimizer, make_scheduler
@@ -107,7 +108,7 @@ class FoldTrainer:
         self.store = ResumeStore(
             self.work, f"{self.params_hash}|{self.data_hash}|fold{fold}", self.dist
         )
-        self.tracker = Tracker(params.mlflow, enabled=self.dist.main)
+        self.tracker = Tracker(params.mlflow, enabled=self.dist.main, retry_later=True)
         # without a selection split the top-k are simply the last k epochs of each part
         self.monitor = self.cfg.checkpoint.monitor if self.val_ids else "epoch"
         self.mode = self.cfg.checkpoint.mode if self.val_ids else "max"
@@ -145,7 +146,7 @@ class FoldTrainer:
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run_id = self.tracker.start(f"train-fold{self.fold}", tags, self.state.mlflow_run_id)
-        if run_id and not self.state.mlflow_run_id:
+        if not self.state.mlflow_run_id:  # a new run (its params wait if the store is down)
             self.state.mlflow_run_id = run_id
             self.tracker.log_params(flatten(stage_values(self.params, "train")))
         if not resumed:

@@ -1,10 +1,11 @@
 """Lineage of a run: git commit and dirty flag, the DVC experiment it belongs to, the hash of
-the data it read and the installed packages."""
+the data it read, the installed packages and the process that made it (:func:`worker_id`)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -71,3 +72,26 @@ def pip_freeze() -> str:
     """Installed distributions as ``name==version`` lines (no subprocess)."""
     dists = {(d.metadata["Name"] or "?"): d.version for d in metadata.distributions()}
     return "\n".join(f"{n}=={v}" for n, v in sorted(dists.items(), key=lambda x: x[0].lower()))
+
+
+def worker_id() -> str:
+    """``host:pid:start`` of this process (the start time tells a reused pid apart)."""
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{int(psutil.Process().create_time() * 1000)}"
+
+
+def worker_alive(worker: str) -> bool | None:
+    """Whether the process named by :func:`worker_id` still runs: None when it ran on another
+    host (unknowable here; RDB storages use Optuna's heartbeat for those)."""
+    import psutil
+
+    host, _, rest = worker.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname():
+        return None
+    try:
+        proc = psutil.Process(int(pid))
+        return int(proc.create_time() * 1000) == int(start) and proc.status() != "zombie"
+    except (psutil.NoSuchProcess, ValueError):
+        return False

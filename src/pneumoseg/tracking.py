@@ -24,13 +24,14 @@ from typing import Any
 
 import yaml
 
-from pneumoseg.lineage import lineage_tags
+from pneumoseg.lineage import lineage_tags, worker_alive, worker_id
 from pneumoseg.params import MlflowParams
 from pneumoseg.paths import has_scheme, in_repo, sqlite_in_repo
 from pneumoseg.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
 MAX_VALUE = 6000  # MLflow's limit for a param value
+WORKER_TAG = "pneumoseg.worker"  # host:pid:start of the process that runs the run
 
 
 def tracking_uri(cfg: MlflowParams) -> str:
@@ -233,9 +234,11 @@ class Tracker:
                     self.run_id = run_id
                     self._logged_steps = None
                     self.client.update_run(run_id, status="RUNNING")
+                    self.client.set_tag(run_id, WORKER_TAG, worker_id())
                     return run_id
                 exp_id = ensure_experiment(self.client, self.cfg, self.uri, self.experiment)
-                all_tags = {**lineage_tags(), **tags}
+                self._end_dead_runs(exp_id, tags.get("stage"))
+                all_tags = {**lineage_tags(), WORKER_TAG: worker_id(), **tags}
                 run = self.client.create_run(exp_id, run_name=run_name, tags=redact(all_tags))
             self.run_id = run.info.run_id
             self._pending = None
@@ -244,6 +247,17 @@ class Tracker:
             self._fail("start", exc)
             return None
         return self.run_id
+
+    def _end_dead_runs(self, exp_id: str, stage: str | None) -> None:
+        """Mark KILLED the runs of this stage left RUNNING by a process of this host that died
+        (a kill -9); a killed training's run is reopened by its rerun all the same."""
+        if not stage:
+            return
+        query = f"attributes.status = 'RUNNING' and tags.stage = '{stage}'"
+        for run in self.client.search_runs([exp_id], filter_string=query, max_results=200):
+            if worker_alive(run.data.tags.get(WORKER_TAG, "")) is False:
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                log.info("MLflow run %s, left RUNNING by a dead process: KILLED", run.info.run_id)
 
     def reconnect(self) -> bool:
         """After a failure, try the store once more: create the run that could not be created

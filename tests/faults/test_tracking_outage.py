@@ -200,3 +200,46 @@ def test_store_gone_mid_run_then_upload_completes_the_run(
         "training completes; `pneumoseg upload` completes the same run, every epoch once", held,
     )  # fmt: skip
     assert held, (proc.stderr + upload.stderr)[-3000:]
+
+
+def test_a_run_left_running_by_a_killed_stage_is_marked_killed(
+    tmp_path: Path, record: Record
+) -> None:
+    """A stage killed with -9 cannot end its run; the next start of that stage ends it."""
+    from mlflow.tracking import MlflowClient
+
+    from pneumoseg.params import Params
+    from pneumoseg.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    start = (
+        "import os, sys\n"
+        "from pneumoseg.params import Params\n"
+        "from pneumoseg.tracking import Tracker\n"
+        "t = Tracker(Params().mlflow)\n"
+        "print(t.start('evaluate', {'stage': 'evaluate'}), flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", start], cwd=tmp_path, env=env() | {"MLFLOW_TRACKING_URI": uri},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    dead_run = killed.stdout.strip()
+    client = MlflowClient(tracking_uri=uri)
+    before = client.get_run(dead_run).info.status
+    alive = Tracker(Params().mlflow)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mine = alive.start("evaluate", {"stage": "evaluate"})
+        other = Tracker(Params().mlflow).start("evaluate", {"stage": "evaluate"})
+    held = (
+        killed.returncode == -9
+        and before == "RUNNING"
+        and client.get_run(dead_run).info.status == "KILLED"
+        and client.get_run(mine).info.status == "RUNNING"  # its process lives: left alone
+        and other is not None
+    )
+    record(
+        "kill -9", "any stage's MLflow run", "left RUNNING, marked KILLED on the next start", held
+    )
+    assert held, (killed.stderr[-2000:], before)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pneumoseg.lineage import worker_id
 from pneumoseg.params import Params
 from pneumoseg.postprocess import (
     SearchSettings,
@@ -31,7 +32,6 @@ from pneumoseg.studies.storage import (
     fail_stale_trials,
     open_storage,
     resolve_storage,
-    worker_id,
 )
 from pneumoseg.tracking import Tracker
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pneumoseg.lineage import worker_alive, worker_id
 from pneumoseg.params import (
     Params,
     ParamsError,
@@ -52,8 +53,6 @@ from pneumoseg.studies.storage import (
     file_lock,
     open_storage,
     resolve_storage,
-    worker_alive,
-    worker_id,
 )
 from pneumoseg.tracking import Tracker
 

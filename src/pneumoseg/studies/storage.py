@@ -8,13 +8,13 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pneumoseg.lineage import worker_alive
 from pneumoseg.paths import in_repo, sqlite_in_repo
 from pneumoseg.redact import redact_text
 
@@ -109,29 +109,6 @@ def open_rdb_storage(url: str, heartbeat: int | None = None) -> Any:
     except Exception as exc:  # sqlalchemy errors, missing drivers
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise RuntimeError(f"Optuna storage {redact_text(url)}: {redact_text(first)}") from None
-
-
-def worker_id() -> str:
-    """``host:pid:start`` of this process (the start time tells a reused pid apart)."""
-    import psutil
-
-    return f"{socket.gethostname()}:{os.getpid()}:{int(psutil.Process().create_time() * 1000)}"
-
-
-def worker_alive(worker: str) -> bool | None:
-    """Whether the process named by :func:`worker_id` still runs: None when it ran on another
-    host (unknowable here; RDB storages use Optuna's heartbeat for those)."""
-    import psutil
-
-    host, _, rest = worker.partition(":")
-    pid, _, start = rest.partition(":")
-    if host != socket.gethostname():
-        return None
-    try:
-        proc = psutil.Process(int(pid))
-        return int(proc.create_time() * 1000) == int(start) and proc.status() != "zombie"
-    except (psutil.NoSuchProcess, ValueError):
-        return False
 
 
 UNOWNED_GRACE_SECONDS = 120  # a RUNNING trial without an owner this old is stale

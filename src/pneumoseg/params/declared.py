@@ -6,6 +6,16 @@ import hashlib
 import json
 from typing import Any
 
+# The threshold search's keys: thresholds runs it, evaluate cross-fits it.
+THRESHOLD_SEARCH = (
+    "thresholds.trials",
+    "thresholds.seed",
+    "thresholds.space",
+    "thresholds.exhaustive",
+    "thresholds.exhaustive_areas",
+    "thresholds.group_by",
+)
+
 # What each DVC stage reads, besides the paths that dvc.yaml interpolates (``${data.size}`` in a
 # dep or out makes DVC track that key through the path). dvc.yaml lists exactly these keys
 # under each stage's ``params:``; tests/test_declarations.py runs every stage with a params
@@ -39,25 +49,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "train.parts",
     ),
     "oof": ("oof.size", "oof.tta_hflip", "oof.checkpoints", "oof.batch_size", "train.folds"),
-    "thresholds": (
-        "thresholds.trials",
-        "thresholds.seed",
-        "thresholds.space",
-        "thresholds.exhaustive",
-        "thresholds.exhaustive_areas",
-        "thresholds.group_by",
-    ),
-    "evaluate": (
-        "evaluate.bootstrap",
-        "evaluate.gallery",
-        "thresholds.trials",
-        "thresholds.seed",
-        "thresholds.space",
-        "thresholds.exhaustive",
-        "thresholds.exhaustive_areas",
-        "thresholds.group_by",
-        "provenance.studies",
-    ),
+    "thresholds": THRESHOLD_SEARCH,
+    "evaluate": ("evaluate.bootstrap", "evaluate.gallery", *THRESHOLD_SEARCH, "provenance.studies"),
     "register": (
         "registry.auto_promote",
         "train.folds",

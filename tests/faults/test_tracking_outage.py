@@ -168,6 +168,27 @@ def test_store_down_at_start_and_back_mid_run(
     assert held, proc.stderr[-3000:]
 
 
+def test_store_back_between_the_last_epoch_and_the_record(
+    project: Path, store: tuple[str, Path], record: Record
+) -> None:
+    url, flag = store
+    before = {r.info.run_id for r in fold_runs(url)}
+    proc = train_with_outage(project, url, flag, down=1, up=4)  # back after the last epoch
+    result = json.loads((project / "metrics/fold0.json").read_text())
+    runs = [r for r in fold_runs(url) if r.info.run_id not in before]
+    held = (
+        proc.returncode == 0
+        and [r.info.run_id for r in runs] == [result["mlflow_run_id"]]
+        and "mlflow_incomplete" not in result
+        and complete(url, result["mlflow_run_id"])
+    )
+    record(
+        "MLflow gone after epoch 1, back after the last", "train",
+        "the final record backfills every epoch before it is logged", held,
+    )  # fmt: skip
+    assert held, proc.stderr[-3000:]
+
+
 def test_store_gone_mid_run_then_upload_completes_the_run(
     project: Path, store: tuple[str, Path], record: Record
 ) -> None:

@@ -71,8 +71,8 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
     held_scores = held.compute()
     heldout = val_row(hv, held_scores, "heldout_")
     heldout["heldout_empty_baseline"] = held_scores["empty_baseline"]
-    if t.tracker.reconnect() and not state.mlflow_run_id:  # the store is back since the last epoch
-        state.mlflow_run_id = t.tracker.run_id
+    if t.tracker.reconnect():  # back since the last epoch: the run, then the epochs it misses
+        state.mlflow_run_id = state.mlflow_run_id or t.tracker.run_id
         t.tracker.log_rows(state.history)
     best = t.best_of_part(len(cfg.parts) - 1)
     best_row = next((r for r in state.history if r["epoch"] == best[0]["epoch"]), {})

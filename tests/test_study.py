@@ -461,3 +461,45 @@ def test_a_torn_journal_tail_is_dropped_and_a_corrupt_record_named(tmp_path: Pat
     journal.write_bytes(b"".join(lines[:3] + [b"{garbage\n"] + lines[3:]))
     with pytest.raises(JournalError, match=r"journal.log: line 4 is not a JSON record.*head -n 3"):
         open_storage(str(journal))
+
+
+def _worker_of_a_process(alive: bool) -> tuple[str, subprocess.Popen]:
+    """The worker_id of another process on this host, still running or already gone."""
+    code = (
+        "from pneumoseg.lineage import worker_id; print(worker_id(), flush=True); "
+        "import sys, time; time.sleep(60 if sys.argv[1] == 'live' else 0)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "live" if alive else "dead"], env=env(),
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    worker = proc.stdout.readline().strip()  # type: ignore[union-attr]
+    if not alive:
+        proc.wait(timeout=60)
+    return worker, proc
+
+
+def test_a_trial_killed_before_naming_its_worker_is_failed_at_once(tmp_path: Path) -> None:
+    """The kill can land between a trial's creation and its owner attribute: with no other
+    registered worker alive, the unowned trial is stale at once (no grace wait); with one alive,
+    it may be that worker's trial in the making and is kept for the grace period."""
+    import optuna
+
+    from pneumoseg.studies.storage import fail_stale_trials, open_storage, register_worker
+
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "journal.log")))
+    dead, _ = _worker_of_a_process(alive=False)
+    register_worker(study, dead)
+    study.ask()  # RUNNING, no owner yet: the dead worker's trial in the making
+    assert [t.number for t in fail_stale_trials(study)] == [0]
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
+
+    live, proc = _worker_of_a_process(alive=True)
+    try:
+        register_worker(study, live)
+        study.ask()
+        assert fail_stale_trials(study) == []  # possibly the live worker's
+        assert study.trials[1].state == optuna.trial.TrialState.RUNNING
+    finally:
+        proc.kill()
+        proc.wait()

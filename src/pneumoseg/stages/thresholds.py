@@ -31,7 +31,9 @@ from pneumoseg.studies.storage import (
     OWNER_ATTR,
     fail_stale_trials,
     open_storage,
+    register_worker,
     resolve_storage,
+    unregister_worker,
 )
 from pneumoseg.tracking import Tracker
 
@@ -100,12 +102,16 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         trial.set_user_attr(OWNER_ATTR, owner)
         return objective(trial)
 
-    study.optimize(
-        owned,
-        n_trials=remaining,
-        callbacks=[MlflowTrialLogger(tracker)],
-        show_progress_bar=progress and remaining > 0,
-    )
+    register_worker(study, owner)  # before its first trial (see stale_trials)
+    try:
+        study.optimize(
+            owned,
+            n_trials=remaining,
+            callbacks=[MlflowTrialLogger(tracker)],
+            show_progress_bar=progress and remaining > 0,
+        )
+    finally:
+        unregister_worker(study, owner)
     elapsed = time.perf_counter() - t0
     post, report = select_triplets(study, scorer, settings, groups)
     result: dict[str, Any] = {

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pneumoseg.lineage import worker_alive, worker_id
+from pneumoseg.lineage import worker_id
 from pneumoseg.params import (
     Params,
     ParamsError,
@@ -49,10 +49,14 @@ from pneumoseg.studies.config import (
 from pneumoseg.studies.report import MlflowTrialLogger, save_study_plots
 from pneumoseg.studies.storage import (
     OWNER_ATTR,
+    WORKER_PREFIX,
     fail_stale_trials,
     file_lock,
+    live_workers,
     open_storage,
+    register_worker,
     resolve_storage,
+    unregister_worker,
 )
 from pneumoseg.tracking import Tracker
 
@@ -124,32 +128,17 @@ class StudyRunner:
                 "name in params.yaml"
             )
 
-    def _live_workers(self) -> list[str]:
-        attrs = self.study.user_attrs
-        live = []
-        for key, info in attrs.items():
-            if not key.startswith("worker:") or info.get("done"):
-                continue
-            if worker_alive(key.removeprefix("worker:")) is not False:
-                live.append((info.get("started", 0.0), key))
-        return [k for _, k in sorted(live)]
-
     def _register_worker(self) -> int:
         """Record this worker; its index among the live workers offsets the sampler seed (so
         parallel workers do not draw the same values; a lone worker always gets index 0)."""
-        key = f"worker:{self.worker}"
+        key = WORKER_PREFIX + self.worker
         with file_lock(self._lock_path()):  # workers on this host register one at a time
-            self.study.set_user_attr(key, {"started": time.time(), "done": False})
-            live = self._live_workers()
+            register_worker(self.study, self.worker)
+            live = live_workers(self.study)
         return live.index(key) if key in live else 0
 
     def _lock_path(self) -> Path:
         return Path(self.cfg.work_dir) / f".{self.name}.lock"
-
-    def _unregister_worker(self) -> None:
-        key = f"worker:{self.worker}"
-        info = dict(self.study.user_attrs.get(key, {}))
-        self.study.set_user_attr(key, info | {"done": True, "ended": time.time()})
 
     def recover_dead_trials(self) -> int:
         """Fail RUNNING trials whose worker process is gone (same host), end their MLflow runs,
@@ -353,7 +342,7 @@ class StudyRunner:
                 else:
                     failed_in_a_row = 0
         finally:
-            self._unregister_worker()
+            unregister_worker(self.study, self.worker)
             self.parent.end("FINISHED")
             shutil.rmtree(self.work / f"plots-{os.getpid()}", ignore_errors=True)
         counts = self._counts()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pneumoseg.lineage import worker_alive
+from pneumoseg.lineage import worker_alive, worker_id
 from pneumoseg.paths import in_repo, sqlite_in_repo
 from pneumoseg.redact import redact_text
 
@@ -113,23 +113,51 @@ def open_rdb_storage(url: str, heartbeat: int | None = None) -> Any:
 
 UNOWNED_GRACE_SECONDS = 120  # a RUNNING trial without an owner this old is stale
 OWNER_ATTR = "worker"  # trial user attribute: the worker_id() of the process running it
+WORKER_PREFIX = "worker:"  # study user attribute per worker process: {"started", "done"}
+
+
+def register_worker(study: Any, worker: str) -> None:
+    """Record in the study that ``worker`` runs trials (before it creates any)."""
+    study.set_user_attr(WORKER_PREFIX + worker, {"started": time.time(), "done": False})
+
+
+def unregister_worker(study: Any, worker: str) -> None:
+    info = dict(study.user_attrs.get(WORKER_PREFIX + worker, {}))
+    study.set_user_attr(WORKER_PREFIX + worker, info | {"done": True, "ended": time.time()})
+
+
+def live_workers(study: Any) -> list[str]:
+    """The registered workers not done and not known dead, oldest first (``worker:<id>``)."""
+    live = []
+    for key, info in study.user_attrs.items():
+        if not key.startswith(WORKER_PREFIX) or info.get("done"):
+            continue
+        if worker_alive(key.removeprefix(WORKER_PREFIX)) is not False:
+            live.append((info.get("started", 0.0), key))
+    return [k for _, k in sorted(live)]
 
 
 def stale_trials(study: Any) -> list[Any]:
-    """The RUNNING trials whose worker process is gone from this host (or that have no owner
-    and started over :data:`UNOWNED_GRACE_SECONDS` ago); trials of other hosts are left to
-    the RDB heartbeat."""
+    """The RUNNING trials whose worker process is gone from this host; trials of other hosts
+    are left to the RDB heartbeat. A trial without an owner yet (its worker was killed between
+    creating it and naming itself) is stale when no other registered worker lives, else once
+    it started over :data:`UNOWNED_GRACE_SECONDS` ago."""
     from optuna.trial import TrialState
 
-    now = time.time()
+    now, me = time.time(), WORKER_PREFIX + worker_id()
     stale = []
+    orphans_possible = None  # computed once, when an unowned trial is met
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get(OWNER_ATTR)
         if owner:
             if worker_alive(owner) is not False:
                 continue
-        elif t.datetime_start and now - t.datetime_start.timestamp() < UNOWNED_GRACE_SECONDS:
-            continue
+        else:
+            if orphans_possible is None:  # this process runs no trial while it checks
+                orphans_possible = not [w for w in live_workers(study) if w != me]
+            young = t.datetime_start and now - t.datetime_start.timestamp() < UNOWNED_GRACE_SECONDS
+            if young and not orphans_possible:
+                continue
         stale.append(t)
     return stale
 

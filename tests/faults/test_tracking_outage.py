@@ -110,12 +110,13 @@ def train_with_outage(
     )  # fmt: skip
 
 
-def fold_runs(url: str) -> list:
+def run_ids(url: str) -> list[str]:
+    """The ids of the runs in the store's ``pneumoseg`` experiment."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=url)
     exp = client.get_experiment_by_name("pneumoseg")
-    return client.search_runs([exp.experiment_id]) if exp else []
+    return [r.info.run_id for r in client.search_runs([exp.experiment_id])] if exp else []
 
 
 def complete(url: str, run_id: str) -> bool:
@@ -148,16 +149,16 @@ def test_store_down_at_start_and_back_mid_run(
     project: Path, store: tuple[str, Path], record: Record
 ) -> None:
     url, flag = store
-    before = {r.info.run_id for r in fold_runs(url)}
+    before = set(run_ids(url))
     flag.touch()  # unreachable at start; back after epoch 2
     proc = train_with_outage(project, url, flag, down=0, up=2)
     result = json.loads((project / "metrics/fold0.json").read_text())
-    runs = [r for r in fold_runs(url) if r.info.run_id not in before]
+    runs = [r for r in run_ids(url) if r not in before]
     held = (
         proc.returncode == 0
         and "MLflow start failed" in proc.stderr
         and "tracking resumes" in proc.stderr
-        and [r.info.run_id for r in runs] == [result["mlflow_run_id"]]
+        and runs == [result["mlflow_run_id"]]
         and "mlflow_incomplete" not in result
         and complete(url, result["mlflow_run_id"])
     )
@@ -172,13 +173,13 @@ def test_store_back_between_the_last_epoch_and_the_record(
     project: Path, store: tuple[str, Path], record: Record
 ) -> None:
     url, flag = store
-    before = {r.info.run_id for r in fold_runs(url)}
+    before = set(run_ids(url))
     proc = train_with_outage(project, url, flag, down=1, up=4)  # back after the last epoch
     result = json.loads((project / "metrics/fold0.json").read_text())
-    runs = [r for r in fold_runs(url) if r.info.run_id not in before]
+    runs = [r for r in run_ids(url) if r not in before]
     held = (
         proc.returncode == 0
-        and [r.info.run_id for r in runs] == [result["mlflow_run_id"]]
+        and runs == [result["mlflow_run_id"]]
         and "mlflow_incomplete" not in result
         and complete(url, result["mlflow_run_id"])
     )
@@ -193,7 +194,7 @@ def test_store_gone_mid_run_then_upload_completes_the_run(
     project: Path, store: tuple[str, Path], record: Record
 ) -> None:
     url, flag = store
-    before = {r.info.run_id for r in fold_runs(url)}
+    before = set(run_ids(url))
     proc = train_with_outage(project, url, flag, down=1, up=0)  # gone after epoch 1, for good
     result = json.loads((project / "metrics/fold0.json").read_text())
     trained = (
@@ -208,11 +209,11 @@ def test_store_gone_mid_run_then_upload_completes_the_run(
         timeout=300,
     )  # fmt: skip
     after = json.loads((project / "metrics/fold0.json").read_text())
-    runs = [r for r in fold_runs(url) if r.info.run_id not in before]
+    runs = [r for r in run_ids(url) if r not in before]
     held = (
         trained
         and upload.returncode == 0
-        and [r.info.run_id for r in runs] == [result["mlflow_run_id"]] == [after["mlflow_run_id"]]
+        and runs == [result["mlflow_run_id"]] == [after["mlflow_run_id"]]
         and "mlflow_incomplete" not in after
         and complete(url, after["mlflow_run_id"])
     )

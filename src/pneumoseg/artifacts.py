@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pneumoseg.files import atomic_file, write_text_atomic
 
 MANIFEST = "manifest.csv"
 FAILURES = "failures.csv"
@@ -31,9 +34,7 @@ BASE_MANIFEST_FIELDS = ("ImageId", "split", "has_mask", "mask_pixels", "height",
 
 def write_csv(path: str | Path, fields: Iterable[str], rows: Iterable[dict[str, Any]]) -> None:
     """A csv with a header row; ``rows`` are dicts keyed by ``fields``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
+    with atomic_file(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(fields))
         writer.writeheader()
         writer.writerows(rows)
@@ -102,7 +103,7 @@ def read_folds(path: str | Path) -> dict[str, tuple[int, int]]:
 def write_oof_models(out_dir: str | Path, models: dict[int, dict[str, Any]]) -> None:
     """Per fold: ``{"files": [...], "selection": {...}, "mlflow_run_id": ...}``."""
     text = json.dumps({str(k): v for k, v in models.items()}, indent=2, sort_keys=True)
-    (Path(out_dir) / "models.json").write_text(text + "\n")
+    write_text_atomic(Path(out_dir) / "models.json", text + "\n")
 
 
 def read_oof_models(out_dir: str | Path) -> dict[int, dict[str, Any]]:
@@ -136,9 +137,12 @@ def open_oof_arrays(out_dir: str | Path, n: int, size: int) -> tuple[np.ndarray,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = (n, size, size)
-    probs = np.lib.format.open_memmap(out / "probs.npy", mode="w+", dtype=np.uint8, shape=shape)
-    masks = np.lib.format.open_memmap(out / "masks.npy", mode="w+", dtype=np.uint8, shape=shape)
-    return probs, masks
+    arrays = []
+    for name in ("probs.npy", "masks.npy"):
+        arrays.append(np.lib.format.open_memmap(out / name, "w+", dtype=np.uint8, shape=shape))
+        with (out / name).open("r+b") as fh:  # claim the space now: a full disk is an
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)  # error, no SIGBUS
+    return arrays[0], arrays[1]
 
 
 def write_oof_ids(out_dir: str | Path, ids: list[tuple[str, int]]) -> None:

@@ -13,7 +13,6 @@ import csv
 import errno
 import logging
 import multiprocessing
-import shutil
 import signal
 from collections import deque
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from pneumoseg.artifacts import (
     write_test_order,
 )
 from pneumoseg.dicom import SAFE_FIELDS, DicomReadError, prepare_image, read_dicom, resize_mask
+from pneumoseg.files import staged_dir
 from pneumoseg.params import ClaheParams
 from pneumoseg.rle import RLEError, decode_rows, read_rle_csv
 
@@ -233,16 +233,6 @@ def _results(tasks: list[Task], settings: Settings, workers: int) -> Iterator[di
     yield from _pooled(tasks, settings, max(1, workers))
 
 
-def replace_dir(new: Path, old: Path) -> None:
-    """Put folder ``new`` in place of ``old`` (two renames; ``old`` is deleted after)."""
-    trash = old.with_name(f".{old.name}.old")
-    shutil.rmtree(trash, ignore_errors=True)
-    if old.exists():
-        old.rename(trash)
-    new.rename(old)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def read_sample_ids(path: Path) -> list[str]:
     """The ImageIds (first column) of a Kaggle sample submission, in order."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -296,14 +286,12 @@ def convert(
     ]
     # everything is written into a fresh folder beside out_dir, which replaces it at the end:
     # a kill or a full disk leaves the previous output as it was
-    work = out_dir.with_name(f".{out_dir.name}.converting")
-    shutil.rmtree(work, ignore_errors=True)
-    for sub in ("images", "masks"):
-        (work / sub).mkdir(parents=True)
-    settings = Settings(str(work), size, clahe or ClaheParams(), file_timeout)
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(tasks), desc="convert", unit="img", disable=not progress)
-    try:
+    with staged_dir(out_dir, "converting") as work:
+        for sub in ("images", "masks"):
+            (work / sub).mkdir(parents=True)
+        settings = Settings(str(work), size, clahe or ClaheParams(), file_timeout)
+        bar = tqdm(total=len(tasks), desc="convert", unit="img", disable=not progress)
         for result in _results(tasks, settings, workers):
             (failures if "reason" in result else rows).append(result)
             bar.update()
@@ -314,15 +302,6 @@ def convert(
         write_csv(work / FAILURES, FAILURE_FIELDS, failures)
         if sample.is_file():  # the order `submit` writes its rows in
             write_test_order(work, read_sample_ids(sample))
-    except OSError as exc:
-        shutil.rmtree(work, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ConvertError(
-                f"{out_dir}: no space left on the device; free some and rerun (the previous "
-                "output is untouched)"
-            ) from None
-        raise
-    replace_dir(work, out_dir)
     manifest, failures_csv = out_dir / MANIFEST, out_dir / FAILURES
     for failure in failures:
         log.warning("convert: skipped %s: %s", failure["path"], failure["reason"])

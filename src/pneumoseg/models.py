@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pneumoseg.files import atomic_file
 from pneumoseg.params import ModelParams
 
 MODEL_FORMAT = "pneumoseg-model/1"
@@ -94,13 +95,10 @@ def forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def save_model_file(path: str | Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Write a model file (state dict on CPU + meta); atomic via a temporary name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a model file (state dict on CPU + meta) atomically."""
     cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": MODEL_FORMAT, "state_dict": cpu, "meta": meta}, tmp)
-    tmp.replace(path)
+    with atomic_file(path, "wb") as fh:
+        torch.save({"format": MODEL_FORMAT, "state_dict": cpu, "meta": meta}, fh)
 
 
 def load_model_file(

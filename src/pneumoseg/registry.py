@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pneumoseg.params import Params
-from pneumoseg.tracking import tracking_uri
+from pneumoseg.tracking import file_lock, store_lock, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -49,6 +52,20 @@ def mlflow_errors(what: str) -> Iterator[None]:
     except MlflowException as exc:
         first = (str(exc.message) or type(exc).__name__).strip().splitlines()[0][:300]
         raise RegistryError(f"{what}: {first}") from None
+
+
+@contextlib.contextmanager
+def registry_lock(uri: str) -> Iterator[None]:
+    """One registry change at a time (register, promote, rollback), so no alias or history
+    update is lost: the sqlite store's own lock, or for a server a lock file named after its
+    URI in the temp folder (it serialises the processes of one machine; see README)."""
+    if uri.startswith("sqlite:///"):
+        with store_lock(uri):
+            yield
+        return
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    with file_lock(Path(tempfile.gettempdir()) / f"pneumoseg-registry-{key}.lock"):
+        yield
 
 
 def open_client(params: Params) -> MlflowClient:

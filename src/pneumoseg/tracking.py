@@ -59,14 +59,21 @@ _held_locks: dict[str, int] = {}  # lock file -> depth held by this process (re-
 
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Exclusive access to a local sqlite store for the block (an advisory lock file beside
-    the database, released by the OS if the process dies; re-entrant within a process); other
-    stores need none."""
+    """Exclusive access to a local sqlite store for the block (a :func:`file_lock` beside the
+    database); other stores need none."""
     db = _sqlite_file(uri)
     if db is None:
         yield
         return
-    lock = f"{db}.lock"
+    with file_lock(Path(f"{db}.lock")):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` for the block: released by the OS if the process
+    dies, re-entrant within a process."""
+    lock = str(path)
     if _held_locks.get(lock):
         _held_locks[lock] += 1
         try:
@@ -74,7 +81,7 @@ def store_lock(uri: str) -> Iterator[None]:
         finally:
             _held_locks[lock] -= 1
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         _held_locks[lock] = 1

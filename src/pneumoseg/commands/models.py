@@ -19,8 +19,10 @@ from pneumoseg.registry import (
     open_client,
     promote,
     registered_model,
+    registry_lock,
     rollback,
 )
+from pneumoseg.tracking import tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -170,7 +172,8 @@ def run(
         print(json.dumps(rows, indent=2) if json_out else format_table(rows))
         return rows
     if action == "promote":
-        previous, new = promote(client, name, version or "")
+        with registry_lock(tracking_uri(params.mlflow)):
+            previous, new = promote(client, name, version or "")
         result = {"name": name, "from": previous, "to": new}
         if json_out:
             print(json.dumps(result))
@@ -182,7 +185,8 @@ def run(
     if action == "rollback":
         if version:
             raise RegistryError("rollback takes no version (it goes back one champion)")
-        old, new = rollback(client, name)
+        with registry_lock(tracking_uri(params.mlflow)):
+            old, new = rollback(client, name)
         result = {"name": name, "from": old, "to": new}
         print(
             json.dumps(result)

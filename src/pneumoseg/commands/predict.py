@@ -19,7 +19,6 @@ post-processing), streamed in batches. Writes to ``--out``:
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pneumoseg.files import staged_dir, write_json
 from pneumoseg.params import Params
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FIELDS = ("ImageId", "EncodedPixels", "has_pneumothorax", "area_px", "max_prob")
+OUTPUTS = {"predictions.csv", "failures.csv", "model.json", "masks", "overlays"}
 
 
 class PredictError(RuntimeError):
@@ -172,6 +173,48 @@ def run(
     out: str = "predictions",
 ) -> dict[str, Any]:
     """CLI entry of ``pneumoseg predict``; returns a summary."""
+
+    files, failures = find_inputs(list(inputs or []))
+    for name, reason in failures:
+        print(f"predict: skipped {name}: {reason}", file=sys.stderr)
+    if not files:
+        raise PredictError(f"no DICOM files found in {' '.join(inputs or [])}")
+    root = Path(out)
+    foreign = (
+        sorted(p.name for p in root.glob("*") if p.name not in OUTPUTS) if root.is_dir() else []
+    )
+    if foreign or (root.exists() and not root.is_dir()):
+        raise PredictError(
+            f"--out {root} holds files predict did not write ({', '.join(foreign[:3]) or root}); "
+            "give a new or empty folder (predict replaces the whole folder)"
+        )
+    bundle = load_model(params, model)
+    with staged_dir(root, "predicting") as work:  # a kill leaves the previous folder whole
+        summary = _predict_into(work, bundle, files, failures, params.submit.dialect, progress)
+    which = summary.get("model", "")
+    if "version" in summary:
+        which = f"{summary['name']} version {summary['version']} ({summary['model']})"
+    n_failed, predicted = summary["n_failed"], summary["n_predicted"]
+    print(
+        f"predict: {predicted} images ({summary['n_positive']} with pneumothorax), "
+        f"{n_failed} failed"
+        + (f" (see {root / 'failures.csv'})" if n_failed else "")
+        + f" with {which} -> {root}"
+    )
+    if predicted == 0:
+        raise PredictError(f"no input could be read (see {root / 'failures.csv'})")
+    return summary
+
+
+def _predict_into(
+    root: Path,
+    bundle: Bundle,
+    files: list[Path],
+    failures: list[tuple[str, str]],
+    dialect: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Write predict's outputs for ``files`` into the empty folder ``root``; the summary."""
     import cv2
     from tqdm import tqdm
 
@@ -179,16 +222,8 @@ def run(
     from pneumoseg.plots import overlay
     from pneumoseg.serving import result_row
 
-    files, failures = find_inputs(list(inputs or []))
-    for name, reason in failures:
-        print(f"predict: skipped {name}: {reason}", file=sys.stderr)
-    if not files:
-        raise PredictError(f"no DICOM files found in {' '.join(inputs or [])}")
-    bundle = load_model(params, model)
-    dialect = params.submit.dialect
-    root = Path(out)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    (root / "overlays").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir()
+    (root / "overlays").mkdir()
     natives: dict[str, np.ndarray] = {}  # at most one batch of native images in memory
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
 
@@ -229,15 +264,5 @@ def run(
         "n_positive": positive,
         "n_failed": len(failures),
     }
-    (root / "model.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    which = summary.get("model", "")
-    if "version" in summary:
-        which = f"{summary['name']} version {summary['version']} ({summary['model']})"
-    print(
-        f"predict: {predicted} images ({positive} with pneumothorax), {len(failures)} failed"
-        + (f" (see {root / 'failures.csv'})" if failures else "")
-        + f" with {which} -> {root}"
-    )
-    if predicted == 0:
-        raise PredictError(f"no input could be read (see {root / 'failures.csv'})")
+    write_json(root / "model.json", summary)
     return summary

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pneumoseg.files import write_json
 from pneumoseg.params import Params, flatten, stage_digest, stage_values
 from pneumoseg.tracking import Tracker
 from pneumoseg.training.record import log_fold_record
@@ -81,7 +82,7 @@ def upload_fold(params: Params, fold: int, progress: bool = True) -> str | None:
     tracker.end("FINISHED")
     if not tracker.complete:
         raise RuntimeError("MLflow failed during the upload (see the warning above)")
-    metrics_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json(metrics_path, result)
     print(f"upload: fold {fold} -> MLflow run {run_id}; {metrics_path} records it")
     _dvc_commit(fold)
     return run_id

@@ -9,7 +9,6 @@ saw (see :mod:`pneumoseg.evaluation`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from pneumoseg.evaluation import (
     untouched,
     untouched_reason,
 )
+from pneumoseg.files import write_json
 from pneumoseg.params import Params
 from pneumoseg.plots import evaluation_plots
 from pneumoseg.postprocess import (
@@ -118,8 +118,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
             "cross_fit_thresholds": cf_tuned.get(int(k)),
         }
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json(out, result)
 
     def case(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         image_id = ids[i][0]

@@ -20,6 +20,7 @@ from pneumoseg.artifacts import (
     write_oof_models,
 )
 from pneumoseg.data import read_gray
+from pneumoseg.files import staged_dir
 from pneumoseg.inference import Ensemble, fold_model_files, to_uint8_probs
 from pneumoseg.params import Params
 
@@ -47,14 +48,41 @@ def run(params: Params, progress: bool = True) -> Path:
     }
     size = cfg.size or ensembles[trained[0]].size
     out = Path(cfg.out_dir)
+    with staged_dir(out) as work:  # a kill or a full disk leaves the previous maps whole
+        write_maps(work, ensembles, order, processed, size, progress)
+        write_oof_ids(work, order)
+        write_oof_models(
+            work,
+            {
+                k: {
+                    "files": [str(f) for f in e.files],
+                    "selection": e.metas[0].get("selection", {"mode": "held_out"}),
+                    "mlflow_run_id": e.metas[0].get("mlflow_run_id"),
+                }
+                for k, e in ensembles.items()
+            },
+        )
+    print(f"oof: {len(order)} images from folds {trained} at {size}px -> {out}/probs.npy")
+    return out
+
+
+def write_maps(
+    out: Path,
+    ensembles: dict[int, Ensemble],
+    order: list[tuple[str, int]],
+    processed: str,
+    size: int,
+    progress: bool,
+) -> None:
+    """``probs.npy``, ``masks.npy`` (and ``cls.npy``) of the images in ``order``."""
     probs, masks = open_oof_arrays(out, len(order), size)
     has_cls = all(e.has_cls for e in ensembles.values())
     cls_all = np.zeros(len(order), dtype=np.uint8) if has_cls else None
     bar = tqdm(total=len(order), desc="oof", unit="img", disable=not progress)
     row = 0
-    for k in trained:
+    for k, ensemble in ensembles.items():
         images = ((i, read_gray(image_path(processed, i))) for i, f in order if f == k)
-        for keys, p, cls in ensembles[k].predict_batches(images, size):
+        for keys, p, cls in ensemble.predict_batches(images, size):
             probs[row : row + len(keys)] = to_uint8_probs(p)
             for j, image_id in enumerate(keys):
                 masks[row + j] = read_gray(mask_path(processed, image_id), size, mask=True) > 127
@@ -66,20 +94,5 @@ def run(params: Params, progress: bool = True) -> Path:
     probs.flush()
     masks.flush()
     del probs, masks
-    (out / "cls.npy").unlink(missing_ok=True)
     if cls_all is not None:
         np.save(out / "cls.npy", cls_all)
-    write_oof_ids(out, order)
-    write_oof_models(
-        out,
-        {
-            k: {
-                "files": [str(f) for f in e.files],
-                "selection": e.metas[0].get("selection", {"mode": "held_out"}),
-                "mlflow_run_id": e.metas[0].get("mlflow_run_id"),
-            }
-            for k, e in ensembles.items()
-        },
-    )
-    print(f"oof: {len(order)} images from folds {trained} at {size}px -> {out}/probs.npy")
-    return out

@@ -7,11 +7,13 @@ data hash, params hash, training run ids) and scores; ``champion`` moves only by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from pneumoseg.files import write_json
 from pneumoseg.lineage import lineage_tags
 from pneumoseg.params import Params, digest, flatten, stage_values
 from pneumoseg.tracking import Tracker, fluent_run, scoped_env, store_lock, tracking_uri
@@ -66,6 +68,7 @@ def lineage(params: Params) -> dict[str, Any]:
         training_hashes.add(str(meta.get("params_hash", "unknown")))
     own = stage_values(params, "register")
     return {
+        "model_digest": model_digest(params, own, {k: evaluation.get(k) for k in SCORES}),
         "evaluate": evaluation,
         "postprocess": post,
         "training_runs": runs,
@@ -74,6 +77,31 @@ def lineage(params: Params) -> dict[str, Any]:
         "params_hash": digest({"register": own, "training": sorted(training_hashes)}),
         "params": own,
     }
+
+
+def model_digest(params: Params, own: dict[str, Any], scores: dict[str, Any]) -> str:
+    """sha256 of what a version is made of and says: the member files, postprocess.json, the
+    register settings and the scores of its tags. A version with this tag already holds
+    exactly this model and record."""
+    h = hashlib.sha256(json.dumps([own, scores], sort_keys=True, default=str).encode())
+    for name, path in [*ensemble_files(params), ("postprocess", Path(params.thresholds.out))]:
+        h.update(name.encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def existing_version(client: Any, name: str, digest: str) -> Any | None:
+    """The newest version of ``name`` tagged with ``digest`` (a rerun after a kill, or the
+    same model registered again), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.model_digest = '{digest}'")
+    except MlflowException:  # no registered model yet
+        return None
+    return max(found, key=lambda v: int(v.version), default=None)
 
 
 def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str, str]:
@@ -95,14 +123,15 @@ def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str,
         "postprocess": json.dumps(triplet, sort_keys=True),
         "postprocess_run_id": str(post.get("mlflow_run_id") or ""),
         "register_run_id": run_id,
+        "model_digest": info["model_digest"],
     }
     for k, rid in info["training_runs"].items():
         tags[f"training_run_fold{k}"] = rid
     return tags
 
 
-def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, Any, Tracker]:
-    """Log the pyfunc in a ``register`` run and register it; (ModelInfo, ModelVersion, run)."""
+def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, str]:
+    """Log the pyfunc in a ``register`` run and register it; (ModelVersion, logged model URI)."""
     import mlflow
 
     from pneumoseg import registry
@@ -133,7 +162,7 @@ def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, Any, Tr
                 tags=version_tags(params, info, tracker.run_id),
             )
         tracker.end()
-    return model_info, version, tracker
+    return version, model_info.model_uri
 
 
 def run(params: Params, progress: bool = True) -> dict[str, Any]:
@@ -143,24 +172,35 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     info = lineage(params)
     name = params.mlflow.registered_model
     quiet = None if progress else "false"
-    with scoped_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=quiet):
-        model_info, mv, _ = log_and_register(params, info)
     client = registry.open_client(params)
-    with registry.mlflow_errors("register"):
-        client.set_registered_model_alias(name, registry.CHALLENGER, mv.version)
-    promoted, why = False, "registry.auto_promote is off"
-    if params.registry.auto_promote:
-        promoted, why = registry.auto_promote(client, name, str(mv.version))
-    with registry.mlflow_errors("register"):
-        aliases = registry.registered_model(client, name).aliases
+    # one registry change at a time: two registers (or a promote) cannot lose an alias update
+    with registry.registry_lock(tracking_uri(params.mlflow)):
+        with registry.mlflow_errors("register"):
+            mv = existing_version(client, name, info["model_digest"])
+        if mv is not None:
+            logged_uri = mv.source
+            print(
+                f"register: version {mv.version} of {name} already holds this exact model "
+                f"(model_digest {info['model_digest'][:12]}); no new version"
+            )
+        else:
+            with scoped_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=quiet):
+                mv, logged_uri = log_and_register(params, info)
+        with registry.mlflow_errors("register"):
+            client.set_registered_model_alias(name, registry.CHALLENGER, mv.version)
+        promoted, why = False, "registry.auto_promote is off"
+        if params.registry.auto_promote:
+            promoted, why = registry.auto_promote(client, name, str(mv.version))
+        with registry.mlflow_errors("register"):
+            aliases = registry.registered_model(client, name).aliases
     ev = info["evaluate"]
     champion = aliases.get(registry.CHAMPION)  # versions may come back as int
     record = {
         "name": name,
         "version": str(mv.version),
         "model_uri": f"models:/{name}/{mv.version}",
-        "logged_model_uri": model_info.model_uri,
-        "run_id": mv.run_id or model_info.run_id,
+        "logged_model_uri": logged_uri,
+        "run_id": mv.run_id or mv.tags.get("register_run_id"),
         "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
         "champion": str(champion) if champion is not None else None,
         **{k: ev.get(k) for k in SCORES},
@@ -170,8 +210,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         "training_run_ids": info["training_runs"],
     }
     out = Path(params.registry.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json(out, record)
 
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from pneumoseg.artifacts import image_path, native_size, read_manifest, read_test_order
 from pneumoseg.data import read_gray
+from pneumoseg.files import atomic_file
 from pneumoseg.params import Params
 from pneumoseg.rle import rle_encode
 
@@ -55,8 +56,7 @@ def run(params: Params, progress: bool = True) -> Path:
             "submit: %d predicted images are not in the sample submission; left out", len(extra)
         )
     out = Path(params.submit.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
+    with atomic_file(out, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["ImageId", "EncodedPixels"])
         writer.writerows((i, rles.get(i, "-1")) for i in order)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pneumoseg.files import write_json
 from pneumoseg.lineage import worker_id
 from pneumoseg.params import Params
 from pneumoseg.postprocess import (
@@ -125,13 +126,11 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         "mlflow_run_id": tracker.run_id,
     }
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json(out, result)
     metrics = {k: result.get(k) for k in METRIC_KEYS}
     if "exhaustive" in result:
         metrics["exhaustive_score"] = result["exhaustive"]["score"]
-    Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.metrics).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_json(cfg.metrics, metrics)
     for path in save_study_plots(study, Path(cfg.plots_dir)):
         tracker.log_artifact(path, "study_plots")
     tracker.log_metrics(

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pneumoseg.files import write_text_atomic
 from pneumoseg.params import MISSING, Params, ParamsError, format_validation_error, get_path
 
 PROVENANCE_KEY = "provenance.studies"
@@ -131,9 +132,7 @@ def apply_to_file(path: Path, values: dict[str, Any]) -> list[tuple[str, Any, An
         Params.model_validate(data)
     except ValidationError as err:
         raise ParamsError(format_validation_error(err, path.name).splitlines()[0]) from None
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(new_text)
-    tmp.replace(path)
+    write_text_atomic(path, new_text)
     return changes
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pneumoseg.data import SegDataset
+from pneumoseg.files import staged_dir, write_json
 from pneumoseg.lineage import pip_freeze
 from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
@@ -98,15 +99,14 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
     }
     if not t.dist.main:
         return result
-    if t.out.exists():
-        shutil.rmtree(t.out)
-    (t.out / "checkpoints").mkdir(parents=True)
     meta = t.meta(size) | {"mlflow_run_id": state.mlflow_run_id, "final": cfg.checkpoint.final}
-    save_model_file(t.out / "model.pt", weights, meta)
-    for c in state.topk:
-        shutil.copy2(t.work / c["path"], t.out / "checkpoints" / c["path"])
-    ckpts = [c | {"monitor": t.monitor} for c in state.topk]
-    (t.out / "checkpoints.json").write_text(json.dumps(ckpts, indent=2) + "\n")
+    with staged_dir(t.out) as out:  # a kill or a full disk leaves the previous fold folder
+        (out / "checkpoints").mkdir()
+        save_model_file(out / "model.pt", weights, meta)
+        for c in state.topk:
+            shutil.copy2(t.work / c["path"], out / "checkpoints" / c["path"])
+        ckpts = [c | {"monitor": t.monitor} for c in state.topk]
+        (out / "checkpoints.json").write_text(json.dumps(ckpts, indent=2) + "\n")
     write_history(state.history, t.plots / "history.csv")
     plot_history(state.history, t.plots / "learning_curves.png", t.fold)
     overlays(t, model, held, size)
@@ -121,9 +121,7 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
             state.mlflow_run_id,
             t.fold,
         )
-    metrics_path = Path(cfg.metrics_dir) / f"fold{t.fold}.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json(Path(cfg.metrics_dir) / f"fold{t.fold}.json", result)
     t.store.clear()
     print(
         f"train: fold {t.fold} done, final weights ({cfg.checkpoint.final}) on the held-out "

@@ -6,7 +6,6 @@ continues from it, bit for bit on CPU."""
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pneumoseg.files import atomic_file
 from pneumoseg.training.distributed import Dist
 
 log = logging.getLogger(__name__)
@@ -130,14 +130,8 @@ class ResumeStore:
             "torch": torch_state,
             "rng": rng_state(),
         }
-        tmp = self.work / "last.pt.tmp"
-        with tmp.open("wb") as fh:
+        with atomic_file(self.path, "wb", previous=self.previous) as fh:
             torch.save(blob, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if self.path.is_file():
-            self.path.replace(self.previous)
-        tmp.replace(self.path)
         self.remove_unlisted(state)
         self._kept = {c["path"] for c in state.topk}
 

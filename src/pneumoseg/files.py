@@ -1,0 +1,122 @@
+"""Writes that a kill, a signal or a full disk cannot tear.
+
+- :func:`atomic_file`: one file, written under a temporary name in the same folder, flushed to
+  the disk (fsync) and renamed over the old one; on an error the old file stays as it was.
+- :func:`staged_dir`: a whole output folder, built beside the old one and swapped in at the end
+  (two renames); a kill leaves the previous output complete, never half of each.
+
+A full disk (``ENOSPC``/``EDQUOT``) becomes :class:`DiskFullError`, one line naming the output
+and the way on (free some space and rerun; the previous output is untouched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """No space left while writing an output; the previous output is untouched."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it: torch wraps the OS error) is a full disk."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in FULL:
+            return True
+        if "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+@contextlib.contextmanager
+def full_disk_is_one_line(output: Path | str) -> Iterator[None]:
+    """Turn a full disk while writing ``output`` into :class:`DiskFullError`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        if not disk_full(exc):
+            raise
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"{output}: no space left on the device; free some and rerun (the previous "
+            "output is untouched)",
+        ) from None
+
+
+def _fsync(fh: IO[Any]) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_file(
+    path: Path | str, mode: str = "w", previous: Path | None = None, **kw: Any
+) -> Iterator[IO[Any]]:
+    """``with atomic_file(p) as fh: fh.write(...)``: ``p`` appears whole or not at all; with
+    ``previous``, the file it replaces is kept under that name (two generations)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with full_disk_is_one_line(path), open(tmp, mode, **kw) as fh:
+            yield fh
+            _fsync(fh)
+        if previous is not None and path.is_file():
+            path.replace(previous)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as fh:
+        fh.write(text)
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """``data`` as indented, key-sorted JSON (the metrics files DVC diffs), atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def replace_dir(new: Path, old: Path) -> None:
+    """Put folder ``new`` in place of ``old`` (two renames; ``old`` is deleted after)."""
+    trash = old.with_name(f".{old.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    if old.exists():
+        old.rename(trash)
+    new.rename(old)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path | str, what: str = "building") -> Iterator[Path]:
+    """``with staged_dir(out) as work: <write into work>``: ``work`` (``.<out>.<what>``, a
+    fresh folder beside ``out``) replaces ``out`` when the block ends without an error; after an
+    error or a kill ``out`` is as it was and the next run starts ``work`` afresh."""
+    out = Path(out_dir)
+    work = out.with_name(f".{out.name}.{what}")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        with full_disk_is_one_line(out):
+            work.mkdir(parents=True)
+            yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    replace_dir(work, out)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,9 +173,10 @@ def probe_stage(project: Path, stage: str, fold: int | None = None) -> dict[str,
     args = [sys.executable, str(ROOT / "tests" / "stage_probe.py"), stage]
     if fold is not None:
         args += ["--fold", str(fold)]
+    start = time.monotonic()
     proc = run(args, cwd=project)
     line = [x for x in proc.stdout.splitlines() if x.startswith("STAGE_PROBE ")][-1]
-    return json.loads(line.split(" ", 1)[1])
+    return json.loads(line.split(" ", 1)[1]) | {"wall_seconds": time.monotonic() - start}
 
 
 def probed_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline:

@@ -192,6 +192,37 @@ def test_served_frame_matches_predict(project: Path, dicoms: Path, tmp_path: Pat
         predict_frame(bundle, pd.DataFrame([{"image_id": "f", "pixels": 1}]))
 
 
+def test_served_model_limits_refuse_before_decoding(
+    project: Path,
+    make_dicom: Callable[..., Path],
+    radiograph: Callable[..., np.ndarray],
+    tmp_path: Path,
+) -> None:
+    """serving.max_rows and serving.max_image_pixels: one line naming the row and the key."""
+    import pandas as pd
+
+    from pneumoseg.commands.predict import load_model
+    from pneumoseg.params import load_params
+    from pneumoseg.serving import RequestError, predict_frame
+
+    params = load_params(project / "params.yaml", {"serving.max_rows": 3})
+    params.serving.max_image_pixels = 50 * 50
+    bundle = load_model(params, str(project / "models"))
+    tiny = [[0, 40], [80, 120]]
+    with pytest.raises(RequestError, match=r"4 rows, more than serving.max_rows \(3\)"):
+        predict_frame(bundle, pd.DataFrame([{"image_id": "r", "image": tiny}] * 4))
+    big = make_dicom(tmp_path / "big.dcm", radiograph(64, 1))  # 64 x 64 > 2,500 pixels
+    row = {"image_id": "big", "dicom_b64": base64.b64encode(big.read_bytes()).decode()}
+    with pytest.raises(RequestError, match=r"big: image of 64 x 64 x 1 frame\(s\) exceeds"):
+        predict_frame(bundle, pd.DataFrame([row]))
+    with pytest.raises(RequestError, match="arr: image of 51 x 51 exceeds serving.max_image"):
+        predict_frame(bundle, pd.DataFrame([{"image_id": "arr", "image": [[0] * 51] * 51}]))
+    blob = base64.b64encode(bytes(6 * 2500 + (1 << 20) + 8)).decode()
+    with pytest.raises(RequestError, match="blob: dicom_b64 holds 1.1 MB, more than an image"):
+        predict_frame(bundle, pd.DataFrame([{"image_id": "blob", "dicom_b64": blob}]))
+    assert len(predict_frame(bundle, pd.DataFrame([{"image_id": "ok", "image": tiny}]))) == 1
+
+
 def test_find_inputs_sorts_dedupes_and_reports(tmp_path: Path) -> None:
     from pneumoseg.commands.predict import find_inputs
 

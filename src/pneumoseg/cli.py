@@ -160,6 +160,22 @@ COMMANDS: dict[str, Command] = {
             Flag("--out", "out", str, "output folder", required=True),
         ],
     ),
+    "serve": Command(
+        "serve a model over HTTP: MLflow's scoring server with a request-body limit",
+        "pneumoseg.commands.serve:run",
+        [
+            Flag(
+                "--model",
+                "model",
+                str,
+                "models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow model folder "
+                "(default: models:/<mlflow.registered_model>@champion)",
+            ),
+            Flag("--host", "host", str, "address to listen on (default 127.0.0.1)"),
+            Flag("--port", "port", int, "port (default 5000)"),
+            Flag("--max-body-mb", "serving.max_body_mb", float, "largest request body (413 above)"),
+        ],
+    ),
     "upload": Command(
         "put an untracked fold training (MLflow was down) into MLflow from its local record",
         "pneumoseg.commands.upload:run",

@@ -107,8 +107,13 @@ def to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def read_dicom(path: str | Path) -> DicomImage:
-    """Read one DICOM file; raise :class:`DicomReadError` with a one-line reason on failure."""
+MAX_PIXELS = 8192 * 8192  # Rows x Columns x frames a DICOM may declare (the served model: a param)
+
+
+def read_dicom(path: str | Path, max_pixels: int = MAX_PIXELS) -> DicomImage:
+    """Read one DICOM file; raise :class:`DicomReadError` with a one-line reason on failure.
+    An image that declares more than ``max_pixels`` (Rows x Columns x frames) is refused before
+    its pixel data is decoded (a decompression bomb declares a huge image in a tiny file)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -120,6 +125,16 @@ def read_dicom(path: str | Path) -> DicomImage:
         raise DicomReadError(f"unreadable DICOM header: {type(exc).__name__}") from None
     if "PixelData" not in ds:
         raise DicomReadError("DICOM has no pixel data")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception:  # missing or corrupt size elements
+        raise DicomReadError("DICOM has no valid Rows/Columns") from None
+    if rows * cols * max(frames, 1) > max_pixels:
+        raise DicomReadError(
+            f"image of {rows} x {cols} x {frames} frame(s) exceeds the limit of {max_pixels} "
+            "pixels (not decoded)"
+        )
     try:
         arr = ds.pixel_array
     except (KeyboardInterrupt, SystemExit, GeneratorExit):

@@ -109,6 +109,53 @@ def get_version(client: MlflowClient, name: str, ref: str | None) -> ModelVersio
         raise RegistryError(f"model {name!r} has no {what}") from None
 
 
+def download_model(params: Params, model: str, dst: Path) -> tuple[Path, dict[str, Any]]:
+    """Download an MLflow model URI into ``dst``; ``models:/name@alias`` is pinned to its
+    version first. Returns (local folder, what was resolved: model, name, version, run_id)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pneumoseg.tracking import scoped_env, using_tracking_uri
+
+    uri = tracking_uri(params.mlflow)
+    info: dict[str, Any] = {"model": model}
+    if model.startswith("models:/"):
+        ref = model.removeprefix("models:/").rstrip("/")
+        name, sep, alias = ref.partition("@")
+        if not sep:
+            name, _, alias = ref.partition("/")
+        if name and alias and "/" not in alias:
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            try:
+                mv = get_version(client, name, alias)
+            except RegistryError as exc:
+                raise RegistryError(f"--model {model}: {exc}") from None
+            info.update(name=name, version=str(mv.version), run_id=mv.run_id)
+            model = f"models:/{name}/{mv.version}"
+    try:  # no progress bar line per file; models:/ sources resolve through the fluent API
+        with scoped_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), using_tracking_uri(uri):
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=model, dst_path=str(dst), tracking_uri=uri, registry_uri=uri
+            )
+    except MlflowException as exc:
+        first = str(exc.message).strip().splitlines()[0][:300]
+        raise RegistryError(f"--model {info['model']}: {first}") from None
+    return Path(local), info
+
+
+def version_with_tag(client: MlflowClient, name: str, key: str, value: str) -> Any | None:
+    """The newest version of ``name`` whose tag ``key`` is ``value``, or None (also when
+    nothing is registered yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.{key} = '{value}'")
+    except MlflowException:
+        return None
+    return max(found, key=lambda v: int(v.version), default=None)
+
+
 def version_exists(client: MlflowClient, name: str, version: str) -> bool:
     from mlflow.exceptions import MlflowException
 

@@ -168,10 +168,20 @@ def decode_rows(
 def read_rle_csv(path: str | Path, dialect: str = "relative") -> RLETable:
     """Read ``ImageId, EncodedPixels`` (leading space optional) into an :class:`RLETable`.
 
-    ``dialect`` is ``relative``, ``absolute`` or ``auto`` (decided over the whole file).
+    ``dialect`` is ``relative``, ``absolute`` or ``auto`` (decided over the whole file). A UTF-8
+    byte-order mark and CRLF line ends (a csv saved by Excel) are accepted; repeated rows of one
+    ImageId are unioned (the SIIM format: one row per lesion).
     """
     path = Path(path)
-    with path.open(newline="") as fh:
+    try:
+        return _read_rle_csv(path, dialect)
+    except UnicodeDecodeError as exc:
+        reason = f"not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        raise RLEError(f"{path.name}: {reason}") from None
+
+
+def _read_rle_csv(path: Path, dialect: str) -> RLETable:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["ImageId", "EncodedPixels"]:

@@ -148,6 +148,82 @@ def test_a_full_disk_stops_convert_with_one_line(
     assert held, full.stderr[-2000:]
 
 
+def bom_crlf(text: str) -> bytes:
+    return ("\ufeff" + text.replace("\n", "\r\n")).encode()
+
+
+def every_row_twice(text: str) -> bytes:
+    head, *rows = text.splitlines()
+    return "\n".join([head, *rows, *rows]).encode() + b"\n"
+
+
+def wrong_header(text: str) -> bytes:
+    return text.replace("ImageId", "Image_Id", 1).encode()
+
+
+def bad_rle(text: str) -> bytes:
+    lines = text.splitlines()
+    image_id = lines[1].split(",")[0]
+    lines[1] = f"{image_id}, 12 x 5"
+    return "\n".join(lines).encode() + b"\n"
+
+
+def latin_1(text: str) -> bytes:
+    return text.encode() + "caf\xe9, -1\n".encode("latin-1")
+
+
+CSV_CASES = {  # name: (damage, expected outcome)
+    "BOM and CRLF line ends": (bom_crlf, "identical"),
+    "every row twice": (every_row_twice, "identical"),
+    "a wrong header": (wrong_header, "line 1"),
+    "a bad RLE string": (bad_rle, "failure row"),
+    "a non-UTF-8 byte": (latin_1, "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", CSV_CASES)
+def test_hostile_rle_csv(converted: Path, tmp_path: Path, case: str, record: Record) -> None:
+    project = shutil.copytree(converted, tmp_path / "p", symlinks=True)
+    clean = tree_digest(project / "data/processed")
+    csv_path = project / "data/raw/demo/train-rle.csv"
+    damage, expected = CSV_CASES[case]
+    original = csv_path.read_text()
+    csv_path.unlink()  # the raw folder may be a symlinked copy: write a new file
+    csv_path.write_bytes(damage(original))
+    proc = pneumoseg(project, "-q", "convert")
+    out = project / "data/processed"
+    if expected == "identical":
+        held = proc.returncode == 0 and tree_digest(out) == clean
+        checked = "converts exactly as the clean csv"
+    elif expected == "failure row":
+        bad_id = original.splitlines()[1].split(",")[0]
+        failures = (out / "failures.csv").read_text()
+        manifest = (out / "manifest.csv").read_text()
+        held = (
+            proc.returncode == 0
+            and "train-rle.csv line 2" in failures
+            and bad_id in failures
+            and f"\n{bad_id}," not in manifest
+            and len(manifest.splitlines()) == len(clean_manifest(converted)) - 1
+        )
+        checked = "that image is a failure row naming the line, the rest converted"
+    else:
+        held = (
+            proc.returncode == 1
+            and "train-rle.csv" in proc.stderr
+            and expected in proc.stderr
+            and one_line(proc.stderr)
+            and tree_digest(out) == clean
+        )
+        checked = "one line naming the file (and line), previous output intact"
+    record(case, "convert (RLE csv)", checked, held)
+    assert held, proc.stderr[-2000:]
+
+
+def clean_manifest(project: Path) -> list[str]:
+    return (project / "data/processed/manifest.csv").read_text().splitlines()
+
+
 def fuzz(source: Path, out: Path, n: int, seed: int) -> list[Path]:
     """``n`` damaged copies of the DICOMs below ``source``: byte flips, truncations and header
     changes (seeded)."""

@@ -183,7 +183,7 @@ def test_promotes_during_a_register_lose_no_update(
     held = (
         codes == [0, 0, 0]
         and again.returncode == 0
-        and "already holds this exact model" in again.stdout
+        and "already holds this exact model" in again.stdout  # no duplicate
         and versions == [1, 2, 3]
         and sorted(history) == ["1", "2"]
         and str(model.aliases["champion"]) == history[-1]

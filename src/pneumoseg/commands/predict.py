@@ -48,41 +48,6 @@ def _is_uri(model: str) -> bool:
     return "://" in model or model.startswith(("models:/", "runs:/"))
 
 
-def _download(params: Params, model: str, dst: Path) -> tuple[Path, dict[str, Any]]:
-    """Download an MLflow model URI; ``models:/name@alias`` is pinned to its version first."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from pneumoseg.registry import RegistryError, get_version
-    from pneumoseg.tracking import scoped_env, tracking_uri, using_tracking_uri
-
-    uri = tracking_uri(params.mlflow)
-    info: dict[str, Any] = {"model": model}
-    if model.startswith("models:/"):
-        ref = model.removeprefix("models:/").rstrip("/")
-        name, sep, alias = ref.partition("@")
-        if not sep:
-            name, _, alias = ref.partition("/")
-        if name and alias and "/" not in alias:
-            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-            try:
-                mv = get_version(client, name, alias)
-            except RegistryError as exc:
-                raise PredictError(f"--model {model}: {exc}") from None
-            info.update(name=name, version=str(mv.version), run_id=mv.run_id)
-            model = f"models:/{name}/{mv.version}"
-    try:  # no progress bar line per file; models:/ sources resolve through the fluent API
-        with scoped_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), using_tracking_uri(uri):
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=model, dst_path=str(dst), tracking_uri=uri, registry_uri=uri
-            )
-    except MlflowException as exc:
-        first = str(exc.message).strip().splitlines()[0][:300]
-        raise PredictError(f"--model {info['model']}: {first}") from None
-    return Path(local), info
-
-
 def _mlflow_folder(folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
     """(artifact name -> absolute path, model_config) of an unpacked pneumoseg pyfunc."""
     import yaml
@@ -102,13 +67,14 @@ def load_model(params: Params, model: str | None) -> Bundle:
     """Resolve ``--model`` (see the module docstring) into a ready :class:`Bundle`."""
     from pneumoseg.inference import ensemble_members
     from pneumoseg.models import ModelError
+    from pneumoseg.registry import download_model
     from pneumoseg.serving import build_bundle, bundle_from_artifacts
 
     model = model or f"models:/{params.mlflow.registered_model}@champion"
     try:
         if _is_uri(model):
             with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as tmp:
-                folder, info = _download(params, model, Path(tmp))
+                folder, info = download_model(params, model, Path(tmp))
                 bundle = bundle_from_artifacts(*_mlflow_folder(folder))
             bundle.description = {**info, **bundle.description}
             return bundle

@@ -60,6 +60,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "data.size",
         "data.clahe",
         "submit.dialect",
+        "serving.max_rows",
+        "serving.max_image_pixels",
     ),
     "submit": (
         "submit.dialect",

@@ -18,6 +18,7 @@ from pneumoseg.params.sections import (
     MlflowParams,
     OofParams,
     RegistryParams,
+    ServingParams,
     SplitParams,
     Strict,
     SubmitParams,
@@ -39,6 +40,7 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     submit: SubmitParams = SubmitParams()
     registry: RegistryParams = RegistryParams()
+    serving: ServingParams = ServingParams()
     mlflow: MlflowParams = MlflowParams()
     studies: dict[str, StudyParams] = Field(default_factory=shipped_studies)
     provenance: ProvenanceParams = ProvenanceParams()

@@ -338,6 +338,14 @@ class RegistryParams(Strict):
     out: str = "metrics/registered.json"  # registered version, model URI, run id (DVC metrics)
 
 
+class ServingParams(Strict):
+    """Limits of the served model; README "Serve" says which layer enforces each."""
+
+    max_rows: int = Field(64, ge=1)  # rows per request (the pyfunc answers 400 beyond)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)  # Rows x Columns x frames, before decoding
+    max_body_mb: float = Field(64, gt=0)  # request body (`pneumoseg serve` answers 413 beyond)
+
+
 class MlflowParams(Strict):
     """Where runs are tracked; ``MLFLOW_TRACKING_URI`` overrides ``tracking_uri``."""
 

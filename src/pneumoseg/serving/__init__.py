@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from mlflow.models import ModelSignature
 
     from pneumoseg.inference import Prediction
-    from pneumoseg.params import ClaheParams, Params
+    from pneumoseg.params import ClaheParams, Params, ServingParams
     from pneumoseg.postprocess import PostProcess
 
 FORMAT = "pneumoseg-pyfunc/1"
@@ -53,6 +53,7 @@ class Bundle:
     clahe: ClaheParams
     dialect: str  # default RLE dialect of the outputs (submit.dialect)
     description: dict[str, Any]
+    limits: ServingParams  # rows per request and pixels per image (serving.*)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """A native uint8 radiograph as the model sees it (CLAHE, area resize to ``size``)."""
@@ -85,6 +86,7 @@ def build_bundle(
         clahe=params.data.clahe,
         dialect=params.submit.dialect,
         description=description,
+        limits=params.serving,
     )
 
 
@@ -105,7 +107,10 @@ def bundle_from_artifacts(artifacts: Mapping[str, str], config: Mapping[str, Any
     return build_bundle(files, Path(artifacts[POSTPROCESS_ARTIFACT]), params, description)
 
 
-SERVING_KEYS = ("data.size", "data.clahe", "oof.tta_hflip", "oof.batch_size", "submit.dialect")
+SERVING_KEYS = (
+    *("data.size", "data.clahe", "oof.tta_hflip", "oof.batch_size", "submit.dialect"),
+    *("serving.max_rows", "serving.max_image_pixels"),
+)
 
 
 def serving_params(raw: Mapping[str, Any]) -> Params:
@@ -145,10 +150,19 @@ def _present(value: Any) -> bool:
     return not (isinstance(value, str) and not value.strip())
 
 
-def decode_dicom_b64(text: str, image_id: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Base64 DICOM bytes -> (native uint8 image, non-identifying meta) via ``read_dicom``."""
+def decode_dicom_b64(
+    text: str, image_id: str, max_pixels: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Base64 DICOM bytes -> (native uint8 image, non-identifying meta) via ``read_dicom``;
+    refused unread when larger than an image of ``max_pixels`` can be (RGB, 16 bit, + 1 MiB)."""
     from pneumoseg.dicom import DicomReadError, read_dicom
 
+    most = 6 * max_pixels + (1 << 20)
+    if len(text) * 3 // 4 > most:
+        raise RequestError(
+            f"{image_id}: dicom_b64 holds {len(text) * 3 // 4 / 1e6:.1f} MB, more than an image "
+            f"of serving.max_image_pixels ({max_pixels}) can need ({most / 1e6:.1f} MB)"
+        )
     try:
         data = base64.b64decode("".join(str(text).split()), validate=True)
     except (binascii.Error, ValueError):
@@ -157,14 +171,20 @@ def decode_dicom_b64(text: str, image_id: str) -> tuple[np.ndarray, dict[str, An
         path = Path(tmp) / "input.dcm"
         path.write_bytes(data)
         try:
-            dicom = read_dicom(path)
+            dicom = read_dicom(path, max_pixels)
         except DicomReadError as exc:
             raise RequestError(f"{image_id}: {exc}") from None
     return dicom.image, dicom.meta
 
 
-def decode_array(value: Any, image_id: str) -> np.ndarray:
+def decode_array(value: Any, image_id: str, max_pixels: int) -> np.ndarray:
     """A 2-D grayscale array (nested lists, 0..255) -> native uint8 image."""
+    side = len(value) if isinstance(value, (list, np.ndarray)) else 0
+    width = len(value[0]) if side and isinstance(value[0], (list, np.ndarray)) else 0
+    if side * width > max_pixels:
+        raise RequestError(
+            f"{image_id}: image of {side} x {width} exceeds serving.max_image_pixels ({max_pixels})"
+        )
     try:
         arr = np.asarray([np.asarray(r) for r in value] if isinstance(value, list) else value)
     except (TypeError, ValueError):
@@ -178,17 +198,19 @@ def decode_array(value: Any, image_id: str) -> np.ndarray:
     return np.ascontiguousarray(np.rint(arr).astype(np.uint8))
 
 
-def decode_row(row: Mapping[str, Any], index: int) -> tuple[str, np.ndarray, dict[str, Any]]:
+def decode_row(
+    row: Mapping[str, Any], index: int, max_pixels: int
+) -> tuple[str, np.ndarray, dict[str, Any]]:
     """One request row -> (ImageId, native uint8 image, meta); exactly one of ``dicom_b64`` and
-    ``image`` must be given."""
+    ``image`` must be given, of at most ``max_pixels``."""
     image_id = str(row["image_id"]) if _present(row.get("image_id")) else f"image{index}"
     has_dicom, has_image = _present(row.get("dicom_b64")), _is_array(row.get("image"))
     if has_dicom == has_image:
         raise RequestError(f"{image_id}: give exactly one of dicom_b64 and image")
     if has_dicom:
-        image, meta = decode_dicom_b64(row["dicom_b64"], image_id)
+        image, meta = decode_dicom_b64(row["dicom_b64"], image_id, max_pixels)
         return image_id, image, meta
-    return image_id, decode_array(row["image"], image_id), {}
+    return image_id, decode_array(row["image"], image_id, max_pixels), {}
 
 
 def _is_array(value: Any) -> bool:
@@ -204,6 +226,11 @@ def predict_frame(bundle: Bundle, frame: pd.DataFrame, dialect: str | None = Non
     dialect = dialect or bundle.dialect
     if dialect not in DIALECTS:
         raise RequestError(f"dialect must be one of {DIALECTS}, got {dialect!r}")
+    if len(frame) > bundle.limits.max_rows:
+        raise RequestError(
+            f"the request has {len(frame)} rows, more than serving.max_rows "
+            f"({bundle.limits.max_rows}); send smaller batches"
+        )
     unknown = sorted(set(frame.columns) - set(INPUT_COLUMNS))
     if unknown:
         raise RequestError(f"unknown input columns {unknown}; expected {list(INPUT_COLUMNS)}")
@@ -212,7 +239,7 @@ def predict_frame(bundle: Bundle, frame: pd.DataFrame, dialect: str | None = Non
 
     def items() -> Iterator[tuple[str, np.ndarray, tuple[int, int], dict[str, Any]]]:
         for i, row in enumerate(frame.to_dict(orient="records")):
-            image_id, image, meta = decode_row(row, i)
+            image_id, image, meta = decode_row(row, i, bundle.limits.max_image_pixels)
             key = str(i)  # ImageIds need not be unique in a request
             ids[key] = image_id
             yield key, bundle.prepare(image), (image.shape[0], image.shape[1]), meta

@@ -6,6 +6,8 @@ versions."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 from importlib import metadata
@@ -18,6 +20,20 @@ from pneumoseg.params import nest
 from pneumoseg.redact import redact
 
 log = logging.getLogger(__name__)
+
+
+def package_digest(members: list[tuple[str, Path]], postprocess: Path, record: Any) -> str:
+    """sha256 of what a registered version is made of and says: the member files (name,
+    bytes), ``postprocess.json`` and ``record`` (settings and scores, JSON). Two versions with
+    the same digest hold exactly the same model and record."""
+    h = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode())
+    for name, path in [*members, ("postprocess", postprocess)]:
+        h.update(name.encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
 
 # What the served model imports (pinned to the installed versions).
 SERVING_REQUIREMENTS = (

@@ -7,7 +7,6 @@ data hash, params hash, training run ids) and scores; ``champion`` moves only by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from pneumoseg.files import write_json
 from pneumoseg.lineage import lineage_tags
 from pneumoseg.params import Params, digest, flatten, stage_values
+from pneumoseg.serving.package import package_digest
 from pneumoseg.tracking import Tracker, fluent_run, scoped_env, store_lock, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,11 @@ def lineage(params: Params) -> dict[str, Any]:
         training_hashes.add(str(meta.get("params_hash", "unknown")))
     own = stage_values(params, "register")
     return {
-        "model_digest": model_digest(params, own, {k: evaluation.get(k) for k in SCORES}),
+        "model_digest": package_digest(
+            ensemble_files(params),
+            Path(params.thresholds.out),
+            [own, {k: evaluation.get(k) for k in SCORES}],
+        ),
         "evaluate": evaluation,
         "postprocess": post,
         "training_runs": runs,
@@ -77,31 +81,6 @@ def lineage(params: Params) -> dict[str, Any]:
         "params_hash": digest({"register": own, "training": sorted(training_hashes)}),
         "params": own,
     }
-
-
-def model_digest(params: Params, own: dict[str, Any], scores: dict[str, Any]) -> str:
-    """sha256 of what a version is made of and says: the member files, postprocess.json, the
-    register settings and the scores of its tags. A version with this tag already holds
-    exactly this model and record."""
-    h = hashlib.sha256(json.dumps([own, scores], sort_keys=True, default=str).encode())
-    for name, path in [*ensemble_files(params), ("postprocess", Path(params.thresholds.out))]:
-        h.update(name.encode())
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def existing_version(client: Any, name: str, digest: str) -> Any | None:
-    """The newest version of ``name`` tagged with ``digest`` (a rerun after a kill, or the
-    same model registered again), or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.search_model_versions(f"name = '{name}' and tags.model_digest = '{digest}'")
-    except MlflowException:  # no registered model yet
-        return None
-    return max(found, key=lambda v: int(v.version), default=None)
 
 
 def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str, str]:
@@ -171,20 +150,16 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
 
     info = lineage(params)
     name = params.mlflow.registered_model
-    quiet = None if progress else "false"
     client = registry.open_client(params)
     # one registry change at a time: two registers (or a promote) cannot lose an alias update
     with registry.registry_lock(tracking_uri(params.mlflow)):
         with registry.mlflow_errors("register"):
-            mv = existing_version(client, name, info["model_digest"])
-        if mv is not None:
+            mv = registry.version_with_tag(client, name, "model_digest", info["model_digest"])
+        if mv is not None:  # a rerun after a kill, or the same model again: no duplicate
             logged_uri = mv.source
-            print(
-                f"register: version {mv.version} of {name} already holds this exact model "
-                f"(model_digest {info['model_digest'][:12]}); no new version"
-            )
+            print(f"register: version {mv.version} already holds this exact model; no new one")
         else:
-            with scoped_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=quiet):
+            with scoped_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=None if progress else "false"):
                 mv, logged_uri = log_and_register(params, info)
         with registry.mlflow_errors("register"):
             client.set_registered_model_alias(name, registry.CHALLENGER, mv.version)

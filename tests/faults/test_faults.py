@@ -9,6 +9,7 @@ with ``make faults``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -463,3 +464,88 @@ def test_two_dvc_repro_at_once_the_second_is_refused(
     held = first.returncode == 0 and second.returncode != 0 and "lock" in second.stderr.lower()
     record("two `dvc repro` at once", "dvc", "the second is refused by DVC's lock", held)
     assert held, second.stderr[-2000:]
+
+
+def dvc_out(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "dvc"), *args], cwd=project, env=env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def stage_processes(project: Path, pattern: str) -> list[int]:
+    """Processes matching ``pattern`` that run in one of the project's experiment copies."""
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    pids = []
+    for pid in map(int, found.split()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cwd").resolve().is_relative_to(project.resolve() / ".dvc"):
+                pids.append(pid)
+    return pids
+
+
+def queue_status(project: Path) -> dict[str, str]:
+    """Experiment name -> status of ``dvc queue status``."""
+    lines = dvc_out(project, "queue", "status").stdout.splitlines()
+    return {p[1]: p[-1] for p in (x.split() for x in lines[1:]) if len(p) >= 4}
+
+
+def wait_queue(project: Path, name: str, seconds: float = 600) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status = queue_status(project).get(name, "")
+        if status in ("Success", "Failed"):
+            return status
+        time.sleep(2)
+    return "timed out"
+
+
+@pytest.mark.skipif(SEEDS <= 3, reason="a long variant: `make faults` runs it")
+def test_a_killed_dvc_queue_worker_leaves_the_queue_usable(
+    dvc_project: DvcProject, tmp_path: Path, record: Record
+) -> None:
+    """kill -9 of the queue worker and its experiment mid-training (a machine that lost the
+    worker): `dvc queue status` still answers, a new `dvc queue start` runs what is queued, and
+    `dvc queue kill` + `dvc queue remove` clear the experiment DVC still shows as Running."""
+    project = dvc_project.copy(tmp_path / "p")
+    assert (
+        dvc_out(project, "exp", "run", "--queue", "-S", "train.seed=9", "-n", "killed").returncode
+        == 0
+    )
+    assert (
+        dvc_out(
+            project, "exp", "run", "--queue", "-S", "thresholds.seed=9", "-n", "next"
+        ).returncode
+        == 0
+    )
+    worker = subprocess.Popen(
+        [str(BIN / "dvc"), "queue", "start", "-j", "1"], cwd=project, env=env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    worker.wait()  # the worker runs detached, in a session of its own
+    deadline, training = time.monotonic() + 300, None
+    while training is None and time.monotonic() < deadline:  # the first experiment trains
+        training = next(iter(stage_processes(project, "train --fold")), None)
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert training is not None, "the queued experiment never started training"
+    os.killpg(os.getpgid(training), signal.SIGKILL)  # the worker, its experiment, the stage
+    shown = queue_status(project)
+    restarted = dvc_out(project, "queue", "start", "-j", "1")  # its worker detaches
+    next_done = wait_queue(project, "next")
+    killed = dvc_out(project, "queue", "kill", "killed")
+    after_kill = queue_status(project).get("killed")
+    removed = dvc_out(project, "queue", "remove", "killed")
+    held = (
+        shown.get("killed") == "Running"  # DVC cannot tell its worker died
+        and shown.get("next") == "Queued"
+        and restarted.returncode == 0
+        and next_done == "Success"
+        and killed.returncode == 0
+        and after_kill == "Failed"
+        and removed.returncode == 0
+        and "killed" not in queue_status(project)
+    )
+    checked = "status answers, `queue start` runs the rest, `queue kill` + `remove` clear it"
+    record("kill -9 of a `dvc queue` worker mid-experiment", "dvc queue", checked, held)
+    assert held, (shown, next_done, after_kill, killed.stderr[-500:])

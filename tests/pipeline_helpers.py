@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,40 @@ TWO_PART_TRAINING = {
         ]
     }
 }
+
+
+@contextlib.contextmanager
+def http_server(
+    cmd: list[str], port: int, log: Path, cwd: Path | None = None, extra_env: dict | None = None
+) -> Iterator[tuple[str, int]]:
+    """Start ``cmd`` (a server on 127.0.0.1:``port``, output to ``log``) in a session of its
+    own, wait until ``/health`` answers 200, yield (base URL, pid); stop the whole session
+    afterwards (SIGTERM, then SIGKILL)."""
+    import signal
+    import time
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env() | (extra_env or {}), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"{cmd[0]} did not answer /health in time"
+                with contextlib.suppress(OSError):
+                    if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                        break
+                time.sleep(0.5)
+            yield url, proc.pid
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)

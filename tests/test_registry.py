@@ -7,14 +7,8 @@ v2 with a deliberately wide triplet (so its masks are non-empty and differ from 
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +19,16 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from pipeline_helpers import BIN, DvcProject, cli, env, git_commit, repro, run
+from engines import free_port
+from pipeline_helpers import (
+    BIN,
+    DvcProject,
+    cli,
+    git_commit,
+    http_server,
+    repro,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -363,12 +366,6 @@ def test_no_identifying_values_in_outputs_tags_or_artifacts(
             assert not leaks(path.read_bytes()), rel
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _request(url: str, payload: dict[str, Any] | None = None, timeout: float = 60) -> Any:
     data = json.dumps(payload).encode() if payload is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -386,27 +383,11 @@ def test_served_champion_answers_like_predict(
     expected = {r["ImageId"]: r for r in rows(wide_predictions / "predictions.csv")}
     image_id = next(i for i, r in expected.items() if r["area_px"] != "0")
     dicom = next((project / TEST_DIR).rglob(f"{image_id}.dcm"))
-    port = _free_port()
-    e = env() | {
-        "MLFLOW_TRACKING_URI": store(project),
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/pneumoseg@champion",
-         "--host", "127.0.0.1", "--port", str(port), "--env-manager", "local"],
-        cwd=project, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server did not answer /ping in time"
-            with contextlib.suppress(OSError):
-                if _request(f"{base}/ping", timeout=5) == 200:
-                    break
-            time.sleep(1)
+    port = free_port()
+    e = {"MLFLOW_TRACKING_URI": store(project), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/pneumoseg@champion",
+           "--host", "127.0.0.1", "--port", str(port), "--env-manager", "local"]  # fmt: skip
+    with http_server(cmd, port, tmp_path / "serve.log", cwd=project, extra_env=e) as (base, _):
         payload = {
             "dataframe_split": {
                 "columns": ["image_id", "dicom_b64"],
@@ -424,15 +405,6 @@ def test_served_champion_answers_like_predict(
         with pytest.raises(urllib.error.HTTPError) as err:
             _request(f"{base}/invocations", bad)
         assert err.value.code == 400 and "x: not a DICOM file" in err.value.read().decode()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
-        log.close()
 
 
 def _tree(root: Path) -> dict[str, bytes]:

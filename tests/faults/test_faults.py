@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -112,35 +112,52 @@ def test_a_signal_in_convert_stops_cleanly(
     assert held, err[-2000:]
 
 
+@contextlib.contextmanager
+def small_disk(path: Path, size: int | str, keep: Path) -> Iterator[Path]:
+    """A ``size`` tmpfs mounted at ``path`` for the block (root only, else skip); the real
+    folder waits at ``keep`` (yielded: the block fills the small disk from it) and is put back
+    afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    shutil.move(str(path), str(keep))
+    path.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    ).returncode:
+        path.rmdir()
+        shutil.move(str(keep), str(path))
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield keep
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+        path.rmdir()
+        shutil.move(str(keep), str(path))
+
+
+def stopped_by_full_disk(proc: subprocess.CompletedProcess) -> bool:
+    """Exit 1 with the one line of a full disk."""
+    return (
+        proc.returncode == 1
+        and "no space left on the device" in proc.stderr
+        and one_line(proc.stderr)
+    )
+
+
 def test_a_full_disk_stops_convert_with_one_line(
     converted: Path, tmp_path: Path, record: Record
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
     project = shutil.copytree(converted, tmp_path / "p", symlinks=True)
     clean = tree_digest(project / "data/processed")
     disk = project / "data"
-    shutil.move(str(disk), str(tmp_path / "data.real"))
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)])
-    if mounted.returncode:
-        shutil.rmtree(disk)
-        shutil.move(str(tmp_path / "data.real"), str(disk))
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        (disk / "raw").symlink_to(tmp_path / "data.real/raw")  # the inputs stay readable
-        shutil.copytree(tmp_path / "data.real/processed", disk / "processed")  # fits in 400k
+    with small_disk(disk, "400k", tmp_path / "data.real") as real:
+        (disk / "raw").symlink_to(real / "raw")  # the inputs stay readable
+        shutil.copytree(real / "processed", disk / "processed")  # fits in 400k
         full = pneumoseg(project, "-q", "convert")
         kept = tree_digest(disk / "processed") == clean
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
-    shutil.rmtree(disk)
-    shutil.move(str(tmp_path / "data.real"), str(disk))
     rerun = pneumoseg(project, "-q", "convert")  # space again
     held = (
-        full.returncode == 1
-        and "no space left on the device" in full.stderr
-        and one_line(full.stderr)
+        stopped_by_full_disk(full)
         and kept
         and rerun.returncode == 0
         and tree_digest(disk / "processed") == clean

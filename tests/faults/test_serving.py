@@ -10,13 +10,10 @@ limit, with the server's peak RSS measured before and after and a normal request
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import urllib.error
@@ -27,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pipeline_helpers import Pipeline, env
-
-from .test_tracking_outage import free_port
+from engines import free_port
+from pipeline_helpers import Pipeline, http_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -63,32 +59,10 @@ def served(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) ->
     """``pneumoseg serve --model models:/pneumoseg/1`` on a free port; (url, pid, project)."""
     project = tiny_pipeline.copy(tmp_path_factory.mktemp("serve") / "p")
     port = free_port()
-    log = (project / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pneumoseg", "serve", "--model", "models:/pneumoseg/1",
-         "--port", str(port)],
-        cwd=project, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (project / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "pneumoseg serve did not answer /ping"
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/ping", timeout=5).status == 200:
-                    break
-            time.sleep(0.5)
-        yield url, proc.pid, project
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
+    cmd = [sys.executable, "-m", "pneumoseg", "serve", "--model", "models:/pneumoseg/1",
+           "--port", str(port)]  # fmt: skip
+    with http_server(cmd, port, project / "serve.log", cwd=project) as (url, pid):
+        yield url, pid, project
 
 
 def dicom_rows(project: Path) -> list[dict[str, str]]:

@@ -9,7 +9,6 @@ compared with that clean run's, and no MLflow run of the stage may stay RUNNING.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -22,7 +21,15 @@ import pytest
 import yaml
 from pipeline_helpers import Pipeline, deep_update, env, set_params
 
-from .test_faults import SEEDS, interrupt_training, one_line, pneumoseg, same_weights, tree_digest
+from .test_faults import (
+    SEEDS,
+    interrupt_training,
+    pneumoseg,
+    same_weights,
+    small_disk,
+    stopped_by_full_disk,
+    tree_digest,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -199,28 +206,6 @@ def set_params_file(path: Path, overrides: dict) -> None:  # type: ignore[type-a
     path.write_text(yaml.safe_dump(deep_update(yaml.safe_load(path.read_text()), overrides)))
 
 
-def small_disk(path: Path, size: str, keep: Path) -> Callable[[], None]:
-    """Mount a ``size`` tmpfs at ``path`` (root only, else skip) holding a copy of what was
-    there; returns the function that puts the real folder back."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    shutil.move(str(path), str(keep))
-    path.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
-    ).returncode:
-        path.rmdir()
-        shutil.move(str(keep), str(path))
-        pytest.skip("cannot mount a tmpfs here")
-
-    def restore() -> None:
-        subprocess.run(["umount", str(path)], check=True)
-        path.rmdir()
-        shutil.move(str(keep), str(path))
-
-    return restore
-
-
 def test_a_full_disk_while_saving_checkpoints_stops_training_cleanly(
     tiny_pipeline: Pipeline, tmp_path: Path, record: Record
 ) -> None:
@@ -229,18 +214,13 @@ def test_a_full_disk_while_saving_checkpoints_stops_training_cleanly(
     assert interrupt_training(project, 1, "SIGKILL").returncode == -9  # one epoch saved
     state = project / "checkpoints/fold0"
     used = sum(p.stat().st_size for p in state.rglob("*") if p.is_file())
-    restore = small_disk(state, f"{used + used // 2}", tmp_path / "state.real")
-    try:
-        shutil.copytree(tmp_path / "state.real", state, dirs_exist_ok=True)
+    with small_disk(state, used + used // 2, tmp_path / "state.real") as real:
+        shutil.copytree(real, state, dirs_exist_ok=True)
         full = pneumoseg(project, "-q", "train", "--fold", "0")
         kept = [p.name for p in state.glob("*.pt")]
-    finally:
-        restore()
     rerun = pneumoseg(project, "-q", "train", "--fold", "0")
     held = (
-        full.returncode == 1
-        and "no space left on the device" in full.stderr
-        and one_line(full.stderr)
+        stopped_by_full_disk(full)
         and "last.pt" in kept
         and rerun.returncode == 0
         and same_weights(project, tiny_pipeline.path)  # the clean run's weights
@@ -260,18 +240,13 @@ def test_a_full_disk_in_oof_keeps_the_previous_maps(
     shutil.move(str(project / "oof"), str(box / "oof"))
     set_params(project, {"oof": {"out_dir": "box/oof"}})
     used = sum(p.stat().st_size for p in (box / "oof").rglob("*"))
-    restore = small_disk(box, f"{used + used // 3}", tmp_path / "box.real")
-    try:
-        shutil.copytree(tmp_path / "box.real", box, dirs_exist_ok=True)
+    with small_disk(box, used + used // 3, tmp_path / "box.real") as real:
+        shutil.copytree(real, box, dirs_exist_ok=True)
         full = pneumoseg(project, "-q", "oof")
         kept = tree_digest(box / "oof") == clean
-    finally:
-        restore()
     rerun = pneumoseg(project, "-q", "oof")
     held = (
-        full.returncode == 1
-        and "no space left on the device" in full.stderr
-        and one_line(full.stderr)
+        stopped_by_full_disk(full)
         and kept
         and rerun.returncode == 0
         and tree_digest(box / "oof") == clean

@@ -13,12 +13,19 @@ import socketserver
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import BIN, TWO_PART_TRAINING, Pipeline, env, set_params
+from engines import free_port
+from pipeline_helpers import (
+    BIN,
+    TWO_PART_TRAINING,
+    Pipeline,
+    env,
+    http_server,
+    set_params,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -26,37 +33,16 @@ Record = Callable[[str, str, str, bool], None]
 HERE = Path(__file__).resolve().parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server (sqlite backend, served artifacts) on 127.0.0.1."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts")],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+           "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
+    with http_server(cmd, port, root / "server.log") as (url, _):
+        yield url
 
 
 class Proxy(socketserver.ThreadingTCPServer):

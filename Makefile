@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS ?= 1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test faults lint bench engines
+.PHONY: setup demo test test-team faults lint bench engines
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ engines:
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
 	    >/dev/null; } || echo "make engines: PostgreSQL missing (install the postgresql package)"
+
+# The team engines on 127.0.0.1 (PostgreSQL, moto's S3 server, an MLflow server on both).
+test-team: setup engines
+	pytest -m team tests/team
 
 # The fault suite's long variants (10 seeds, 500 fuzzed DICOMs); rewrites the README table.
 faults: setup engines

@@ -108,3 +108,79 @@ def running_postgres() -> Iterator[Postgres]:
             capture_output=True,
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class S3:
+    """An S3-compatible server: clients see only the endpoint URL and the credentials, so the
+    same settings work against MinIO or AWS."""
+
+    endpoint: str
+    bucket: str
+    key_id: str
+    secret: str
+
+    def env(self) -> dict[str, str]:
+        """The variables boto3, DVC and MLflow read (``MLFLOW_S3_ENDPOINT_URL`` for MLflow)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+        }
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.key_id,
+            aws_secret_access_key=self.secret,
+            region_name="us-east-1",
+        )
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object key under ``prefix`` in the bucket."""
+        pages = self.client().get_paginator("list_objects_v2")
+        found = pages.paginate(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for page in found for o in page.get("Contents", [])]
+
+
+@contextlib.contextmanager
+def running_s3(secret: str, bucket: str = "pneumoseg") -> Iterator[S3]:
+    """moto's standalone server (the S3 stand-in of DVC's and MLflow's own test suites) on
+    127.0.0.1 with one bucket; stopped afterwards."""
+    import sys
+    import time
+
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.is_file():
+        missing("moto[server] (pip install -e '.[dev]')")
+    port = free_port()
+    root = Path(tempfile.mkdtemp(prefix="pneumoseg-s3-"))
+    server = S3(f"http://127.0.0.1:{port}", bucket, "pneumoseg-key", secret)
+    with (root / "server.log").open("w") as log:
+        proc = subprocess.Popen(
+            [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _listening(port):
+                assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.2)
+            server.client().create_bucket(Bucket=bucket)
+            yield server
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

@@ -96,19 +96,33 @@ def open_rdb_storage(url: str, heartbeat: int | None = None) -> Any:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
-    if heartbeat is not None:
-        kwargs = {
-            "heartbeat_interval": heartbeat,
-            "grace_period": 4 * heartbeat,
-            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1),
-        }
-    try:
-        with warnings.catch_warnings():  # heartbeat_interval is "experimental" since Optuna 2
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, **kwargs)
-    except Exception as exc:  # sqlalchemy errors, missing drivers
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise RuntimeError(f"Optuna storage {redact_text(url)}: {redact_text(first)}") from None
+    if not url.startswith("sqlite:"):  # a server restart: pooled connections are tested first
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
+    attempt = 0
+    while True:
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                if heartbeat is not None:
+                    kwargs |= {
+                        "heartbeat_interval": heartbeat,
+                        "grace_period": 4 * heartbeat,
+                        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(1),
+                    }
+                return RDBStorage(url, **kwargs)
+        except Exception as exc:  # sqlalchemy errors, missing drivers
+            text, attempt = str(exc), attempt + 1
+            if attempt < SCHEMA_ATTEMPTS and any(m in text for m in SCHEMA_RACE):
+                time.sleep(0.5 * attempt)  # another worker is creating the tables: use them
+                continue
+            first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise RuntimeError(f"Optuna storage {redact_text(url)}: {redact_text(first)}") from None
+
+
+# Workers started together on an empty database race to create Optuna's tables; the loser sees
+# one of these errors and retries, finding the tables made.
+SCHEMA_RACE = ("duplicate key value", "already exists", "UniqueViolation")
+SCHEMA_ATTEMPTS = 4
 
 
 UNOWNED_GRACE_SECONDS = 120  # a RUNNING trial without an owner this old is stale

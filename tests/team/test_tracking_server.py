@@ -1,0 +1,86 @@
+"""The team's tracking server: ``mlflow server`` on PostgreSQL with its artifacts in an S3
+bucket (moto's server), on 127.0.0.1, one worker. ``dvc repro`` with
+``MLFLOW_TRACKING_URI=http://...`` trains, evaluates and registers through it; the fold runs,
+their metric histories and artifacts land in PostgreSQL and the bucket; ``models promote`` and
+``predict --model models:/pneumoseg@champion`` work through the server; no password leaks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from engines import S3, Postgres, free_port
+from pipeline_helpers import BIN, env, http_server, make_project
+
+from .conftest import SECRET
+
+PG_PASSWORD = "pg-canary-Passw0rd-7c2e"
+
+
+@pytest.fixture(scope="module")
+def tracking_server(
+    postgres: Postgres, s3: S3, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The command a team runs (README "Scale-out"), on a free port."""
+    db = postgres.create_database("mlflow", "mlflow", PG_PASSWORD)
+    backend = db.replace("postgresql://", "postgresql+psycopg://", 1)
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", backend,
+           "--artifacts-destination", f"s3://{s3.bucket}/mlflow"]  # fmt: skip
+    log = tmp_path_factory.mktemp("mlflow-team") / "server.log"
+    with http_server(cmd, port, log, extra_env=s3.env()) as (url, _):
+        yield url
+    assert PG_PASSWORD not in log.read_text() and SECRET not in log.read_text()
+
+
+def through(server: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A command with ``MLFLOW_TRACKING_URI`` set to the server (the only setting users add)."""
+    proc = subprocess.run(
+        list(args), cwd=cwd, env=env() | {"MLFLOW_TRACKING_URI": server},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    for secret in (PG_PASSWORD, SECRET):
+        assert secret not in proc.stdout + proc.stderr
+    return proc
+
+
+def test_dvc_repro_tracks_and_registers_through_the_server(
+    tracking_server: str, s3: S3, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    project = make_project(tmp_path / "p")
+    through(tracking_server, str(BIN / "dvc"), "repro", cwd=project)
+    assert not (project / "mlruns").exists()  # nothing went to a local store
+
+    client = MlflowClient(tracking_uri=tracking_server, registry_uri=tracking_server)
+    experiment = client.get_experiment_by_name("pneumoseg")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's bucket
+    folds = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
+    assert sorted(r.data.tags["fold"] for r in folds) == ["0", "1"]
+    for run in folds:
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert [m.step for m in history] == [1, 2]  # every epoch, once
+    keys = s3.keys("mlflow/")
+    assert any(k.endswith("plots/learning_curves.png") for k in keys)
+    assert sum(k.endswith("model.pt") for k in keys) >= 2  # fold models and the package
+    version = client.get_model_version_by_alias("pneumoseg", "challenger")
+    assert version.version == "1"
+    for run in client.search_runs([experiment.experiment_id]):
+        record = str(run.data.params) + str(run.data.tags)
+        assert PG_PASSWORD not in record and SECRET not in record
+
+    pneumoseg = [sys.executable, "-m", "pneumoseg"]
+    through(tracking_server, *pneumoseg, "models", "promote", "1", cwd=project)
+    dicom = next((project / "data/raw/demo").rglob("*.dcm"))
+    champion = ["--model", "models:/pneumoseg@champion"]
+    through(tracking_server, *pneumoseg, "-q", "predict", *champion, "--input", str(dicom),
+            "--out", "pred", cwd=project)  # fmt: skip
+    assert (project / "pred/predictions.csv").read_text().count("\n") == 2
+    assert '"version": "1"' in (project / "pred/model.json").read_text()

@@ -6,14 +6,30 @@ their metric histories and artifacts land in PostgreSQL and the bucket; ``models
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from engines import S3, Postgres, free_port
-from pipeline_helpers import BIN, env, http_server, make_project
+from faults.test_tracking_outage import complete, train_with_outage
+from pipeline_helpers import (
+    BIN,
+    TWO_PART_TRAINING,
+    Pipeline,
+    env,
+    http_server,
+    make_project,
+    set_params,
+)
 
 from .conftest import SECRET
 
@@ -84,3 +100,60 @@ def test_dvc_repro_tracks_and_registers_through_the_server(
             "--out", "pred", cwd=project)  # fmt: skip
     assert (project / "pred/predictions.csv").read_text().count("\n") == 2
     assert '"version": "1"' in (project / "pred/model.json").read_text()
+
+
+def test_the_server_dies_mid_training_and_comes_back(
+    postgres: Postgres, s3: S3, tracking_server: str, tiny_pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """kill -9 of the server after epoch 1, a new server process on the same port, database
+    and bucket after epoch 2: training completes and its run is complete (through the
+    tracker's reconnect and backfill, or `pneumoseg upload` when the server was back too late
+    for the final record)."""
+    project = tiny_pipeline.copy(tmp_path / "p")
+    for name in ("mlruns", "checkpoints", "models", "metrics", "plots"):
+        shutil.rmtree(project / name, ignore_errors=True)
+    set_params(project, TWO_PART_TRAINING)
+    port = free_port()
+    backend = f"postgresql+psycopg://mlflow:{PG_PASSWORD}@127.0.0.1:{postgres.port}/mlflow"
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", backend,
+           "--artifacts-destination", f"s3://{s3.bucket}/mlflow"]  # fmt: skip
+    flag, stop = tmp_path / "server-down", threading.Event()
+    servers: list[Any] = []
+
+    def start() -> int:
+        server = http_server(cmd, port, tmp_path / f"server{len(servers)}.log", extra_env=s3.env())
+        servers.append(server)
+        return server.__enter__()[1]
+
+    def follow(pid: int) -> None:  # the flag file that tests/outage_at.py sets and clears
+        while not stop.is_set():
+            if flag.exists() and pid:
+                os.killpg(pid, signal.SIGKILL)  # the server dies
+                servers[-1].__exit__(None, None, None)
+                pid = 0
+            elif not flag.exists() and not pid:
+                pid = start()  # a new server process, same port, database and bucket
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=follow, args=(start(),), daemon=True)
+    watcher.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        trained = train_with_outage(project, url, flag, down=1, up=2)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        deadline = time.monotonic() + 120
+        while flag.exists() or len(servers) < 2:  # the new server is up
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        result = json.loads((project / "metrics/fold0.json").read_text())
+        if result.get("mlflow_incomplete"):
+            through(url, sys.executable, "-m", "pneumoseg", "-q", "upload", "--fold", "0",
+                    cwd=project)  # fmt: skip
+            result = json.loads((project / "metrics/fold0.json").read_text())
+        assert "mlflow_incomplete" not in result
+        assert complete(url, result["mlflow_run_id"])
+    finally:
+        stop.set()
+        watcher.join(timeout=30)
+        servers[-1].__exit__(None, None, None)

@@ -24,6 +24,7 @@ from faults.test_tracking_outage import complete, train_with_outage
 from pipeline_helpers import (
     BIN,
     TWO_PART_TRAINING,
+    DvcProject,
     Pipeline,
     env,
     http_server,
@@ -157,3 +158,37 @@ def test_the_server_dies_mid_training_and_comes_back(
         stop.set()
         watcher.join(timeout=30)
         servers[-1].__exit__(None, None, None)
+
+
+def test_two_queued_experiments_at_once_record_through_the_server(
+    tracking_server: str, dvc_project: DvcProject, tmp_path: Path
+) -> None:
+    """`dvc queue start -j 2` with MLFLOW_TRACKING_URI set: both experiments' threshold,
+    evaluation and register runs are on the server, tagged with their experiment."""
+    from mlflow.tracking import MlflowClient
+    from test_experiments import experiments
+
+    project = dvc_project.copy(tmp_path / "p")
+    dvc = str(BIN / "dvc")
+    for seed in (1, 2):
+        through(tracking_server, dvc, "exp", "run", "--queue", "-S", f"thresholds.seed={seed}",
+                "-n", f"server-{seed}", cwd=project)  # fmt: skip
+    try:
+        through(tracking_server, dvc, "queue", "start", "-j", "2", cwd=project)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = through(tracking_server, dvc, "queue", "status", cwd=project).stdout
+            if "Running" not in status and "Queued" not in status:
+                break
+            time.sleep(3)
+        assert status.count("Success") == 2, status
+    finally:
+        subprocess.run([dvc, "queue", "stop", "--kill"], cwd=project, capture_output=True)
+    client = MlflowClient(tracking_uri=tracking_server, registry_uri=tracking_server)
+    shown = experiments(project)
+    for name in ("server-1", "server-2"):
+        for path, key in (("metrics/thresholds.json", "mlflow_run_id"),
+                          ("metrics/evaluate.json", "mlflow_run_id"),
+                          ("metrics/registered.json", "run_id")):  # fmt: skip
+            run = client.get_run(shown[name][path][key])  # on the server (raises if not)
+            assert run.data.tags["dvc_exp_name"] == name

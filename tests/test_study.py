@@ -314,15 +314,29 @@ def test_apply_exp_runs_a_dvc_experiment(base: Path, tmp_path: Path) -> None:
     assert applied["selection"] == "held_out" and applied["folds"] == [0]
 
 
-def worker(project: Path, *args: str) -> subprocess.Popen:
+def worker(project: Path, *args: str, storage: str | None = None) -> subprocess.Popen:
+    """``pneumoseg study run ARGS`` in its own process (``storage``: an RDB URL, given as
+    ``PNEUMOSEG_OPTUNA_STORAGE``)."""
+    extra = {"PNEUMOSEG_OPTUNA_STORAGE": storage} if storage else {}
     return subprocess.Popen(
         [sys.executable, "-m", "pneumoseg", "-q", "study", "run", *args],
         cwd=project,
-        env=one_thread_env(),
+        env=one_thread_env() | extra,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def kill_during_first_trial(project: Path, proc: subprocess.Popen, study: str) -> None:
+    """kill -9 of worker ``proc`` once its first trial has saved an epoch of training."""
+    last = project / f"optuna/trials/{study}/trial-0/work/fold0/last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the trial finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.mark.slow
@@ -348,14 +362,7 @@ def test_two_workers_share_one_study(base: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_killed_worker_trial_is_failed_and_retried(base: Path, tmp_path: Path) -> None:
     project = shutil.copytree(base, tmp_path / "p")
-    proc = worker(project, "slow", "--trials", "1")
-    last = project / "optuna/trials/slow/trial-0/work/fold0/last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the trial finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_during_first_trial(project, worker(project, "slow", "--trials", "1"), "slow")
     study = load(project, "slow")
     assert [t.state.name for t in study.trials] == ["RUNNING"]
     killed_params = study.trials[0].params

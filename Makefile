@@ -51,3 +51,4 @@ bench: setup
 	python bench/convert.py
 	python bench/thresholds.py
 	python bench/train_overhead.py
+	python bench/team.py

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,18 @@ class Postgres:
     socket_dir: Path
     bin_dir: Path
     as_user: list[str]
+    data_dir: Path
+    options: str
+    logfile: Path
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """``pg_ctl stop -m fast`` (every client connection is closed), ``down_seconds``
+        without a server, then a start on the same port and data."""
+        pg_ctl = [*self.as_user, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir)]
+        subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], check=True, capture_output=True)
+        time.sleep(down_seconds)
+        start = [*pg_ctl, "-o", self.options, "-l", str(self.logfile), "-w", "start"]
+        subprocess.run(start, check=True, capture_output=True)
 
     def psql(self, sql: str, db: str = "postgres") -> str:
         cmd = [
@@ -54,6 +67,12 @@ class Postgres:
             *("-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql),
         ]
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+    def dump(self, db: str) -> bytes:
+        """``pg_dump`` of database ``db`` (schema and rows, plain SQL)."""
+        where = ("-h", str(self.socket_dir), "-p", str(self.port), "-U", "postgres")
+        cmd = [*self.as_user, str(self.bin_dir / "pg_dump"), *where, db]
+        return subprocess.run(cmd, check=True, capture_output=True).stdout
 
     def create_database(self, name: str, user: str, password: str) -> str:
         """A database owned by a new login role; its ``postgresql://`` URL over TCP."""
@@ -101,7 +120,7 @@ def running_postgres() -> Iterator[Postgres]:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"PostgreSQL did not start: {start.stderr}\n{log[-2000:]}")
     try:
-        yield Postgres(port, sock, bin_dir, as_user)
+        yield Postgres(port, sock, bin_dir, as_user, data, options, logfile)
     finally:
         subprocess.run(
             [*run, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
@@ -152,7 +171,6 @@ def running_s3(secret: str, bucket: str = "pneumoseg") -> Iterator[S3]:
     """moto's standalone server (the S3 stand-in of DVC's and MLflow's own test suites) on
     127.0.0.1 with one bucket; stopped afterwards."""
     import sys
-    import time
 
     exe = Path(sys.executable).parent / "moto_server"
     if not exe.is_file():

@@ -67,7 +67,7 @@ def through(server: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_dvc_repro_tracks_and_registers_through_the_server(
-    tracking_server: str, s3: S3, tmp_path: Path
+    tracking_server: str, postgres: Postgres, s3: S3, tmp_path: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -92,6 +92,12 @@ def test_dvc_repro_tracks_and_registers_through_the_server(
     for run in client.search_runs([experiment.experiment_id]):
         record = str(run.data.params) + str(run.data.tags)
         assert PG_PASSWORD not in record and SECRET not in record
+    bucket = s3.client()  # every row the server wrote and every object in the bucket
+    stored = {k: bucket.get_object(Bucket=s3.bucket, Key=k)["Body"].read() for k in keys}
+    stored["the mlflow database"] = postgres.dump("mlflow")
+    assert b"val_loss" in stored["the mlflow database"]
+    for secret in (PG_PASSWORD, SECRET):
+        assert not [k for k, data in stored.items() if secret.encode() in data]
 
     pneumoseg = [sys.executable, "-m", "pneumoseg"]
     through(tracking_server, *pneumoseg, "models", "promote", "1", cwd=project)

@@ -109,7 +109,7 @@ def open_rdb_storage(url: str, heartbeat: int | None = None) -> Any:
                         "grace_period": 4 * heartbeat,
                         "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(1),
                     }
-                return RDBStorage(url, **kwargs)
+                storage = RDBStorage(url, **kwargs)
         except Exception as exc:  # sqlalchemy errors, missing drivers
             text, attempt = str(exc), attempt + 1
             if attempt < SCHEMA_ATTEMPTS and any(m in text for m in SCHEMA_RACE):
@@ -117,6 +117,44 @@ def open_rdb_storage(url: str, heartbeat: int | None = None) -> Any:
                 continue
             first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
             raise RuntimeError(f"Optuna storage {redact_text(url)}: {redact_text(first)}") from None
+        if not url.startswith("sqlite:"):
+            wait_for_server(storage.engine, url)
+        return storage
+
+
+RECONNECT_SECONDS = 300  # how long a storage call waits for a restarting database server
+
+
+def wait_for_server(engine: Any, url: str) -> None:
+    """New connections of ``engine`` wait up to :data:`RECONNECT_SECONDS` for a database
+    server that is down (a restart, a failover) instead of failing the call: with the pool's
+    pre-ping, the connections the restart closed are replaced by ones that waited. A call that
+    was mid-query when the server went away still fails."""
+    from sqlalchemy import event
+
+    where = redact_text(url)
+
+    @event.listens_for(engine, "do_connect")
+    def connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        deadline, waited = time.monotonic() + RECONNECT_SECONDS, False
+        while True:
+            try:
+                connection = dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                if not waited:
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                    log.warning(
+                        "Optuna storage %s is unreachable (%s); waiting up to %d s for it",
+                        where, redact_text(first), RECONNECT_SECONDS,
+                    )  # fmt: skip
+                    waited = True
+                time.sleep(1.0)
+                continue
+            if waited:
+                log.warning("Optuna storage %s is back; the study goes on", where)
+            return connection
 
 
 # Workers started together on an empty database race to create Optuna's tables; the loser sees

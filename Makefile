@@ -52,3 +52,4 @@ bench: setup
 	python bench/thresholds.py
 	python bench/train_overhead.py
 	python bench/team.py
+	python bench/study_workers.py

@@ -109,6 +109,7 @@ def make_project(path: Path, overrides: dict[str, Any] | None = None, git: bool 
         run(["git", "init", "-q"], cwd=path)
         run([str(BIN / "dvc"), "init", "-q"], cwd=path)
         run([str(BIN / "dvc"), "config", "core.analytics", "false"], cwd=path)
+        shutil.copytree(ROOT / ".dvc/plots", path / ".dvc/plots")  # dvc.yaml's plot template
         (path / ".gitignore").write_text("/mlruns/\n/checkpoints/\n/optuna/\n")
     return path
 

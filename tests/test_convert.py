@@ -359,7 +359,7 @@ def test_two_workers_give_identical_bytes(converted: Converted) -> None:
 
 def test_no_identifying_value_in_any_output(converted: Converted) -> None:
     files = [p for p in converted.out.rglob("*") if p.is_file()]
-    assert {p.suffix for p in files} == {".png", ".csv"}
+    assert {p.suffix for p in files} == {".png", ".csv", ".json"}  # json: dataset.json
     for path in files:
         data = path.read_bytes()
         for secret in SECRETS + list(IDENTIFYING.values()):

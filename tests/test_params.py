@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,13 +32,16 @@ def error_of(path: Path, overrides: dict[str, Any] | None = None) -> str:
     return str(info.value)
 
 
-def pneumoseg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def pneumoseg(
+    *args: str, cwd: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pneumoseg", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
+        env=os.environ | (extra_env or {}),
     )
 
 
@@ -202,6 +206,34 @@ def test_cli_help_lists_the_stages(tmp_path: Path) -> None:
     assert "--workers" in proc.stdout and "data.workers" in proc.stdout
 
 
+def test_cli_version_examples_completion_and_debug(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    from pneumoseg.cli import COMMANDS
+
+    proc = pneumoseg("--version", cwd=tmp_path)
+    assert proc.stdout.strip() == f"pneumoseg {version('pneumoseg')}"
+    for name, command in COMMANDS.items():  # every command shows how it is called
+        assert command.examples, name
+        assert any(e.split()[:2] == ["pneumoseg", name] for e in command.examples), name
+    proc = pneumoseg("models", "--help", cwd=tmp_path)
+    assert "examples:\n  pneumoseg models list\n" in proc.stdout
+    proc = pneumoseg("--print-completion", "bash", cwd=tmp_path)
+    assert proc.returncode == 0 and "complete" in proc.stdout
+    assert all(name in proc.stdout for name in COMMANDS)
+    # an error is one line; --debug (or PNEUMOSEG_DEBUG=1) adds the traceback, redacted
+    write_yaml(tmp_path / "params.yaml", repo_params())
+    args = ("score", "--submission", "missing.csv", "--truth", "missing.csv")
+    plain = pneumoseg(*args, cwd=tmp_path)
+    assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1
+    assert plain.stderr.startswith("pneumoseg score: error: ") and "missing.csv" in plain.stderr
+    for debug in (pneumoseg("--debug", *args, cwd=tmp_path),
+                  pneumoseg(*args, cwd=tmp_path, extra_env={"PNEUMOSEG_DEBUG": "1"})):  # fmt: skip
+        assert debug.returncode == 1
+        assert "Traceback (most recent call last)" in debug.stderr
+        assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
 def test_light_modules_do_not_import_torch_or_mlflow() -> None:
     code = (
         "import sys\n"
@@ -231,7 +263,7 @@ def test_schema_defaults_are_the_shipped_params(tmp_path: Path) -> None:
 def test_a_library_traceback_in_the_log_is_one_line() -> None:
     import logging
 
-    from pneumoseg.cli import OneLineFormatter
+    from pneumoseg.console import OneLineFormatter
 
     try:
         raise RuntimeError("libjpeg error code '-1038' returned from Decode()")

@@ -55,6 +55,23 @@ def test_dvc_repro_end_to_end(dvc_project: DvcProject, tmp_path: Path) -> None:
     assert client.get_run(registered["run_id"]).data.tags["stage"] == "register"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert "train@0" in lock["stages"]
+    # each fold run's "Datasets used" carry DVC's md5 of the data and folds it trained on
+    md5 = {s: lock["stages"][s]["outs"][0]["md5"] for s in ("convert", "split")}
+    for fold in (0, 1):
+        run_id = json.loads((project / f"metrics/fold{fold}.json").read_text())["mlflow_run_id"]
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert {d.dataset.name: d.dataset.digest for d in inputs} == {
+            "processed": md5["convert"],
+            "folds": md5["split"],
+        }
+
+    # `dvc plots show`: every plot of dvc.yaml loads; one chart overlays both folds' curves
+    shown = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=project).stdout)
+    assert "errors" not in shown, shown.get("errors")
+    (chart,) = shown["data"]["train loss by fold"]
+    values = chart["content"]["data"]["values"]
+    assert {v["fold"] for v in values} == {"0", "1"} and all(v["train_loss"] for v in values)
+    assert chart["content"]["encoding"]["color"]["field"] == "fold"
 
     assert repro(project) == set()  # nothing changed: nothing runs
 

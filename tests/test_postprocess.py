@@ -247,6 +247,28 @@ def test_exhaustive_best_searches_the_gate(data: tuple[np.ndarray, np.ndarray]) 
     assert score == kaggle_dice_naive(probs, masks, best, 128, cls).mean()
 
 
+def test_exhaustive_heatmap_marks_the_selected_triplet(
+    data: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    from pneumoseg.plots import threshold_heatmap
+
+    probs, masks = data
+    scorer = TripletScorer(probs, masks, 128)
+    areas = [0.0, 250.0, 1000.0]
+    grids: dict = {}
+    best, score = exhaustive_best(scorer, areas, [None], grids=grids)
+    assert list(grids) == [None] and grids[None].shape == (3, 256, 256)
+    marked = threshold_heatmap(grids[None], areas, best, tmp_path / "h.png")
+    top, bottom = level(best.top_threshold), level(best.bottom_threshold)
+    assert marked == {"area": best.min_area, "top": top, "bottom": bottom, "score": score}
+    assert cv2.imread(str(tmp_path / "h.png")).shape[1] > 600  # a real image
+    # a triplet off the grid (another min_area, or scored with another gate) is not marked
+    off = Triplet(best.top_threshold, 123.0, best.bottom_threshold)
+    assert threshold_heatmap(grids[None], areas, off, tmp_path / "off.png") is None
+    assert threshold_heatmap(grids[None], areas, best, tmp_path / "g.png", same_gate=False) is None
+    assert (tmp_path / "off.png").is_file() and (tmp_path / "g.png").is_file()
+
+
 def test_empty_baseline(data: tuple[np.ndarray, np.ndarray]) -> None:
     probs, masks = data
     scorer = TripletScorer(probs, masks, native=128)

@@ -58,6 +58,8 @@ def test_postprocess_score_equals_naive_recomputation(trained: Path) -> None:
         post["score"], abs=1e-12
     )
     assert post["n_trials"] == 20 and post["size"] == 64 and post["mlflow_run_id"]
+    heatmap = trained / "plots/thresholds/exhaustive_heatmap.png"  # the grid, not thrown away
+    assert heatmap.stat().st_size > 10_000
 
     def naive(triplet: dict) -> float:
         fields = {k: triplet[k] for k in Triplet.__dataclass_fields__}

@@ -146,12 +146,22 @@ def test_register_records_a_tagged_challenger(project: Path) -> None:
     assert tags["data_hash"] == folds[0]["data_hash"]
     params = load_params(project / "params.yaml")
     training = sorted({f["params_hash"] for f in folds})
-    assert tags["params_hash"] == digest(
-        {"register": stage_values(params, "register"), "training": training}
-    )
+    own = stage_values(params, "register")
+    assert own["submit.dialect"] is None  # null: the demo csv's dialect, as convert read it
+    own["submit.dialect"] = json.loads((project / "data/processed/dataset.json").read_text())[
+        "rle_dialect"
+    ]
+    assert own["submit.dialect"] == "relative"
+    assert tags["params_hash"] == digest({"register": own, "training": training})
     assert tags["git_commit"] == (project / "init.sha").read_text()
     assert tags["register_run_id"] == first["run_id"]
     assert c.get_model_version("pneumoseg", "1").run_id == first["run_id"]
+    # descriptions: what the model is and how to call it; what this version is, scores named
+    about = c.get_registered_model("pneumoseg").description
+    assert "models:/pneumoseg@champion" in about and "dicom_b64" in about
+    version = c.get_model_version("pneumoseg", "1").description
+    assert f"kaggle_dice_cross_fitted {evaluation['kaggle_dice_cross_fitted']:.4f}" in version
+    assert "kaggle_dice is in-sample" in version and "relative RLE" in version
 
 
 def test_registered_model_is_code_with_pinned_requirements(project: Path, tmp_path: Path) -> None:

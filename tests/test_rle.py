@@ -359,12 +359,36 @@ def test_auto_detects_the_dialect_of_a_file(tmp_path: Path, dialect: str) -> Non
 
 
 def test_auto_decides_over_the_whole_file() -> None:
-    # alone, this relative string is also a valid sorted absolute string ...
+    # alone, this relative string is also a valid sorted absolute string: no verdict ...
     ambiguous = "1 2 5 2 10 2"
-    assert detect_dialect([ambiguous]) == "absolute"
-    # ... but a file with clearly relative strings is relative as a whole
+    assert detect_dialect([ambiguous]) is None
+    # ... but one string out of order as absolute makes the whole file relative
     assert detect_dialect([ambiguous, LESION, "-1"]) == "relative"
-    # single-run and empty strings carry no evidence: default relative
-    assert detect_dialect(["5 3", "-1", ""]) == "relative"
+    assert detect_dialect(["7 3 2 2", "-1"]) == "relative"  # two runs out of order
+    # without any run, the dialect changes nothing: relative
+    assert detect_dialect(["-1", "", " -1 "]) == "relative"
+    # single runs differ by one pixel between the dialects: no verdict
+    assert detect_dialect(["5 3", "-1", "900 12"]) is None
     absolute = [rle_encode(m, "absolute") for m in _lesion_masks(3)]
     assert detect_dialect([*absolute, "7 2", "-1"]) == "absolute"
+    assert detect_dialect(absolute[:2]) is None  # two long sorted strings are not enough
+
+
+def test_auto_names_a_file_it_cannot_tell(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "few.csv", [("a", "5 3"), ("b", "-1"), ("c", "1 2 5 2 10 2")])
+    with pytest.raises(RLEError, match=r"^few.csv: cannot tell its RLE dialect .*data.rle_dialect"):
+        read_rle_csv(path, "auto")
+    assert read_rle_csv(path, "relative").dialect == "relative"  # a set dialect is taken as is
+
+
+@pytest.mark.parametrize(
+    ("rle", "message"),
+    [
+        ("5 3 6 2", r"run 2 starts at pixel 6, before run 1 ends \(pixel 7\)"),  # overlap
+        ("20 2 5 2", r"run 2 starts at pixel 5, before run 1 ends \(pixel 21\)"),  # unsorted
+    ],
+)
+def test_absolute_rle_refuses_overlapping_or_unsorted_runs(rle: str, message: str) -> None:
+    with pytest.raises(RLEError, match=message):
+        rle_decode(rle, 10, 10, "absolute")
+    rle_decode("5 3 8 2", 10, 10, "absolute")  # touching runs are sorted and disjoint

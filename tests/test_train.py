@@ -60,8 +60,11 @@ def mlflow_runs(project: Path) -> list:
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
-def test_train_records_everything_and_parts_hand_over(data_dir: Path, tmp_path: Path) -> None:
+def test_train_records_everything_and_parts_hand_over(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     project = clone(data_dir, tmp_path / "p")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # samples in a short run
     pneumoseg("-q", "train", "--fold", "0", cwd=project)
     result = json.loads((project / "metrics/fold0.json").read_text())
     history = (project / "plots/fold0/history.csv").read_text().splitlines()
@@ -109,6 +112,40 @@ def test_train_records_everything_and_parts_hand_over(data_dir: Path, tmp_path: 
     assert {"plots", "model", "params.yaml", "environment"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/learning_curves.png", "plots/val_overlays.png"} <= plots
+    # what the MLflow UI shows: a model-training experiment, source columns, datasets used,
+    # system metrics, and the augmentation pipeline that albumentations can rebuild
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.source.name"] == "pneumoseg train" and tags["mlflow.user"]
+    assert tags.get("mlflow.source.git.commit") == (
+        tags["git_commit"] if tags["git_commit"] != "unknown" else None
+    )
+    # (outside DVC, as here, the digest is a sha256 of the file; test_pipeline checks DVC's md5)
+    from pneumoseg.lineage import file_digest
+
+    inputs = {d.dataset.name: d for d in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert {n: d.dataset.digest for n, d in inputs.items()} == {
+        "processed": "sha256:" + file_digest(project / "data/processed/manifest.csv"),
+        "folds": "sha256:" + file_digest(project / "data/folds.csv"),
+    }
+    assert {t.key: t.value for t in inputs["processed"].tags} == {"mlflow.data.context": "training"}
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert (
+        "system/cpu_utilization_percentage" in system
+        and "system/system_memory_usage_megabytes" in system
+    )
+    import albumentations as A
+
+    from pneumoseg.augment import SeededCompose  # registers itself with albumentations
+
+    local = Path(client.download_artifacts(run.info.run_id, "augment", str(tmp_path / "dl")))
+    assert sorted(p.name for p in local.iterdir()) == [
+        "part0_train_transform.json",
+        "part1_train_transform.json",
+    ]
+    rebuilt = A.from_dict(json.loads((local / "part1_train_transform.json").read_text()))
+    assert isinstance(rebuilt, SeededCompose)
+    assert any(type(t).__name__ == "HorizontalFlip" for t in rebuilt.transforms)
     assert not (project / "checkpoints/fold0").exists()  # resume state cleaned up
 
 
@@ -179,7 +216,7 @@ def test_kill_mid_part_and_in_swa_then_resume_gives_identical_weights(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
-    per_epoch = [k for k in run.data.metrics if not k.startswith(("final_", "heldout_"))]
+    per_epoch = [k for k in run.data.metrics if not k.startswith(("final_", "heldout_", "system/"))]
     assert {"train_loss", "val_loss", "lr", "sample_rate"} <= set(per_epoch)
     for key in per_epoch:  # exactly one value per metric and epoch, none lost, none twice
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]

@@ -4,11 +4,14 @@
   mask_pixels, height, width`` and the non-identifying fields of
   :data:`pneumoseg.dicom.SAFE_FIELDS`); ``images/<ImageId>.png`` (uint8 gray) and, for training
   images, ``masks/<ImageId>.png`` (0/255) beside it; ``test_order.csv`` (the ImageId order of
-  the competition's sample submission, when there is one).
+  the competition's sample submission, when there is one); ``dataset.json`` (the training
+  csv's name and its RLE dialect, as set or detected: ``submit.dialect: null`` follows it).
 - ``folds.csv``: ``ImageId, fold, has_mask`` sorted by ImageId.
 - ``<oof>/``: ``probs.npy`` (uint8 N x S x S, round(prob*255)), ``masks.npy`` (uint8 0/1, the
   ground truth at S), ``ids.csv`` (``ImageId, fold, row``), optionally ``cls.npy`` (uint8 N), and
-  ``models.json`` (per fold: the model files and how their checkpoints were selected).
+  ``models.json`` (per fold: the model files and how their checkpoints were selected) and
+  ``learning_curves.csv`` (every fold's per-epoch history with a ``fold`` column: the rows of
+  ``<models>/fold<k>/history.csv``; the top-level ``plots:`` of ``dvc.yaml`` overlay the folds).
 - ``postprocess.json`` belongs to :mod:`pneumoseg.postprocess`, which tunes and applies it.
 """
 
@@ -29,6 +32,7 @@ from pneumoseg.files import atomic_file, write_text_atomic
 MANIFEST = "manifest.csv"
 FAILURES = "failures.csv"
 TEST_ORDER = "test_order.csv"
+DATASET_INFO = "dataset.json"
 BASE_MANIFEST_FIELDS = ("ImageId", "split", "has_mask", "mask_pixels", "height", "width")
 
 
@@ -67,6 +71,22 @@ def image_path(processed_dir: str | Path, image_id: str) -> Path:
 
 def mask_path(processed_dir: str | Path, image_id: str) -> Path:
     return Path(processed_dir) / "masks" / f"{image_id}.png"
+
+
+def write_dataset_info(processed_dir: str | Path, rle_csv: str, rle_dialect: str) -> None:
+    """Record which csv gave the masks and its RLE dialect (``convert``)."""
+    info = {"rle_csv": rle_csv, "rle_dialect": rle_dialect}
+    write_text_atomic(Path(processed_dir) / DATASET_INFO, json.dumps(info, indent=2) + "\n")
+
+
+def output_dialect(configured: str | None, processed_dir: str | Path) -> str:
+    """The RLE dialect outputs are written in: ``configured`` (``submit.dialect``) when set,
+    else the training csv's (``dataset.json``), else ``relative`` (data converted before
+    ``dataset.json`` existed)."""
+    if configured:
+        return configured
+    path = Path(processed_dir) / DATASET_INFO
+    return json.loads(path.read_text())["rle_dialect"] if path.is_file() else "relative"
 
 
 def write_test_order(processed_dir: str | Path, ids: list[str]) -> None:
@@ -143,6 +163,33 @@ def open_oof_arrays(out_dir: str | Path, n: int, size: int) -> tuple[np.ndarray,
         with (out / name).open("r+b") as fh:  # claim the space now: a full disk is an
             os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)  # error, no SIGBUS
     return arrays[0], arrays[1]
+
+
+# Columns every learning_curves.csv has (blank where a run did not log them), so the plots of
+# dvc.yaml always find their fields.
+CURVE_FIELDS = ("fold", "epoch", "train_loss", "val_loss", "val_kaggle_dice")
+
+
+def write_learning_curves(
+    out_dir: str | Path, models_dir: str | Path, folds: list[int]
+) -> list[int]:
+    """``learning_curves.csv`` in ``out_dir`` from each fold's ``history.csv`` (the fold
+    record folder under ``models_dir``); returns the folds that have none (trained before the
+    record held it)."""
+    rows: list[dict[str, Any]] = []
+    missing = []
+    for k in folds:
+        path = Path(models_dir) / f"fold{k}" / "history.csv"
+        if not path.is_file():
+            missing.append(k)
+            continue
+        with path.open(newline="") as fh:
+            rows += [{"fold": k} | r for r in csv.DictReader(fh)]
+    fields = list(CURVE_FIELDS)
+    for row in rows:
+        fields += [f for f in row if f not in fields]
+    write_csv(Path(out_dir) / "learning_curves.csv", fields, rows)
+    return missing
 
 
 def write_oof_ids(out_dir: str | Path, ids: list[tuple[str, int]]) -> None:

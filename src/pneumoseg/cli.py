@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from pneumoseg.console import DEBUG_ENV, Interrupted, configure_logging, report_error, terminated
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Command:
     target: str
     flags: list[Flag] = field(default_factory=list)
     wants_params_file: bool = False  # the runner also gets params_file= (it edits the file)
+    examples: tuple[str, ...] = ()  # shown by --help
 
     def runner(self) -> Callable[..., Any]:
         module, _, function = self.target.partition(":")
@@ -57,6 +60,7 @@ COMMANDS: dict[str, Command] = {
             Flag("--size", "demo.size", int, "image side in pixels"),
             Flag("--seed", "demo.seed", int, "random seed"),
         ],
+        examples=("pneumoseg demo --n-train 40 --n-test 10 --out data/raw/demo",),
     ),
     "convert": Command(
         "convert DICOMs + RLE csv to PNG images/masks and a manifest",
@@ -69,6 +73,10 @@ COMMANDS: dict[str, Command] = {
             Flag("--size", "data.size", int, "output image side in pixels"),
             Flag("--workers", "data.workers", int, "parallel worker processes"),
         ],
+        examples=(
+            "pneumoseg convert --dicom-dir data/raw/siim --workers 8",
+            "pneumoseg convert --dialect absolute   # stage 2 csv",
+        ),
     ),
     "split": Command(
         "assign stratified cross-validation folds",
@@ -78,6 +86,7 @@ COMMANDS: dict[str, Command] = {
             Flag("--seed", "split.seed", int, "random seed"),
             Flag("--out", "split.out", str, "output csv"),
         ],
+        examples=("pneumoseg split --folds 5 --seed 42",),
     ),
     "train": Command(
         "train one model per fold with MLflow tracking (resumes after a kill)",
@@ -88,6 +97,10 @@ COMMANDS: dict[str, Command] = {
             Flag("--size", "train.parts[0].size", int, "image size of the first part"),
             Flag("--encoder", "train.model.encoder", str, "smp/timm encoder name"),
         ],
+        examples=(
+            "pneumoseg train --fold 0",
+            "dvc repro train@0          # the same, tracked by DVC",
+        ),
     ),
     "oof": Command(
         "out-of-fold probability maps of every trained fold",
@@ -96,6 +109,7 @@ COMMANDS: dict[str, Command] = {
             Flag("--size", "oof.size", int, "map size S"),
             Flag("--checkpoints", "oof.checkpoints", str, "final or top_k"),
         ],
+        examples=("pneumoseg oof --checkpoints top_k",),
     ),
     "thresholds": Command(
         "Optuna search of the post-processing triplet on the OOF maps",
@@ -104,10 +118,15 @@ COMMANDS: dict[str, Command] = {
             Flag("--trials", "thresholds.trials", int, "total trials of the study"),
             Flag("--storage", "thresholds.storage", str, "Optuna RDB URL or journal file"),
         ],
+        examples=(
+            "pneumoseg thresholds --trials 400",
+            "PNEUMOSEG_OPTUNA_STORAGE=postgresql://optuna:$PW@db/optuna pneumoseg thresholds",
+        ),
     ),
     "evaluate": Command(
         "OOF evaluation: in-sample, cross-fitted and untouched Kaggle dice, with provenance",
         "pneumoseg.stages.evaluate:run",
+        examples=("pneumoseg evaluate && cat metrics/evaluate.json",),
     ),
     "submit": Command(
         "predict the test images and write a Kaggle submission csv",
@@ -116,6 +135,7 @@ COMMANDS: dict[str, Command] = {
             Flag("--out", "submit.out", str, "submission csv"),
             Flag("--dialect", "submit.dialect", str, "relative or absolute RLE"),
         ],
+        examples=("pneumoseg submit --dialect absolute --out submission/stage2.csv",),
     ),
     "score": Command(
         "Kaggle metric of a submission csv against a ground-truth csv",
@@ -125,10 +145,12 @@ COMMANDS: dict[str, Command] = {
             Flag("--truth", "truth", str, "ground-truth csv (ImageId, EncodedPixels)", True),
             Flag("--json", "json_out", bool, "print JSON"),
         ],
+        examples=("pneumoseg score --submission submission/submission.csv --truth test-truth.csv",),
     ),
     "register": Command(
         "register the fold ensemble + TTA + post-processing as a new MLflow model version",
         "pneumoseg.stages.register:run",
+        examples=("pneumoseg register && pneumoseg models list",),
     ),
     "models": Command(
         "the model registry: list, promote VERSION, rollback, show VERSION",
@@ -144,6 +166,11 @@ COMMANDS: dict[str, Command] = {
             Flag("version", "version", str, "version number or alias (promote, show)", nargs="?"),
             Flag("--json", "json_out", bool, "print JSON"),
         ],
+        examples=(
+            "pneumoseg models list",
+            "pneumoseg models promote 3",
+            "pneumoseg models rollback",
+        ),
     ),
     "predict": Command(
         "predict DICOM files or folders; writes predictions.csv, mask and overlay PNGs",
@@ -159,6 +186,10 @@ COMMANDS: dict[str, Command] = {
             Flag("--input", "inputs", str, "DICOM files or folders", required=True, nargs="+"),
             Flag("--out", "out", str, "output folder", required=True),
         ],
+        examples=(
+            "pneumoseg predict --input scans/ --out predictions",
+            "pneumoseg predict --model models:/pneumoseg/2 --input a.dcm b.dcm --out pred",
+        ),
     ),
     "serve": Command(
         "serve a model over HTTP: MLflow's scoring server with a request-body limit",
@@ -175,11 +206,13 @@ COMMANDS: dict[str, Command] = {
             Flag("--port", "port", int, "port (default 5000)"),
             Flag("--max-body-mb", "serving.max_body_mb", float, "largest request body (413 above)"),
         ],
+        examples=("pneumoseg serve --model models:/pneumoseg@champion --port 5000",),
     ),
     "upload": Command(
         "put an untracked fold training (MLflow was down) into MLflow from its local record",
         "pneumoseg.commands.upload:run",
         [Flag("--fold", "fold", int, "upload only this fold (default: all of train.folds)")],
+        examples=("pneumoseg upload --fold 0 && dvc commit train@0",),
     ),
     "study": Command(
         "Optuna studies over training params: run (a worker), show, apply the best trial",
@@ -194,6 +227,11 @@ COMMANDS: dict[str, Command] = {
             Flag("--exp", "exp", bool, "apply: run `dvc exp run -S ...` instead of editing"),
         ],
         wants_params_file=True,
+        examples=(
+            "pneumoseg study run loss-and-sampling --trials 20",
+            "pneumoseg study show loss-and-sampling",
+            "pneumoseg study apply loss-and-sampling --exp",
+        ),
     ),
 }
 
@@ -203,12 +241,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumoseg",
         description="Tracked, reproducible pneumothorax segmentation on chest X-ray DICOMs.",
+        epilog="examples:\n  dvc repro                      # the whole pipeline\n"
+        "  pneumoseg train --help         # one command's flags and examples\n"
+        "  pneumoseg --print-completion bash > ~/.local/share/bash-completion/completions/"
+        "pneumoseg",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"pneumoseg {_version()}")
     parser.add_argument("--params", default="params.yaml", help="params file [%(default)s]")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars: periodic progress lines instead (PNEUMOSEG_PROGRESS=off: none)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"full tracebacks instead of one-line errors (also {DEBUG_ENV}=1)",
+    )
+    _add_completion(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
-        cmd = sub.add_parser(name, help=command.help, description=command.help)
+        epilog = "examples:\n" + "\n".join(f"  {e}" for e in command.examples)
+        cmd = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.help,
+            epilog=epilog if command.examples else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         for f in command.flags:
             where = f" [params: {f.key}]" if "." in f.key else ""
             if f.type is bool:
@@ -230,38 +292,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class OneLineFormatter(logging.Formatter):
-    """Log records on one line: an attached traceback becomes its last line (the error).
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    pydicom logs a decoder's traceback for a corrupt file that pneumoseg already reports as a
-    failure row; a user reads one line per problem, not a stack.
-    """
+    try:
+        return version("pneumoseg")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(
-            logging.makeLogRecord(
-                {**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None}
-            )
-        )
-        if record.exc_info and record.exc_info[1] is not None:
-            error = record.exc_info[1]
-            line += f" ({type(error).__name__}: {one_line(error)})"
-        return line
+
+def _add_completion(parser: argparse.ArgumentParser) -> None:
+    """``--print-completion bash|zsh|tcsh``: a shell completion script (shtab, which DVC
+    already installs)."""
+    try:
+        import shtab
+    except ImportError:  # pragma: no cover - a dependency; the rest of the CLI works without it
+        return
+    shtab.add_argument_to(parser, ["--print-completion"], help="print a shell completion script")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pneumoseg`` console script."""
     args = build_parser().parse_args(argv)
-    # Our own progress lines at INFO; other libraries only when they warn.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:  # libraries' tracebacks shrink to one line
-        handler.setFormatter(OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("pneumoseg").setLevel(logging.INFO)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0", "false")
+    configure_logging(debug)
     from pneumoseg.params import ParamsError, load_params
-    from pneumoseg.redact import RedactingFilter, redact_text
-
-    for handler in logging.getLogger().handlers:  # no URL password in any log line
-        handler.addFilter(RedactingFilter())
+    from pneumoseg.redact import redact_text
 
     command = COMMANDS[args.command]
     overrides = {f.key: getattr(args, f.key) for f in command.flags if "." in f.key}
@@ -273,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParamsError as exc:
         print(redact_text(str(exc)), file=sys.stderr)
         return 2
-    previous = signal.signal(signal.SIGTERM, _terminated)  # a preempted machine: as Ctrl-C
+    previous = signal.signal(signal.SIGTERM, terminated)  # a preempted machine: as Ctrl-C
     try:
         command.runner()(params, progress=not args.quiet, **extra)
     except KeyboardInterrupt as stop:
@@ -286,33 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + stop.signum
     except (ValueError, RuntimeError, OSError) as exc:
         # Our own error types subclass these; their messages are one line for the user.
-        print(f"pneumoseg {args.command}: error: {redact_text(one_line(exc))}", file=sys.stderr)
+        report_error(args.command, exc, debug)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-def one_line(exc: BaseException) -> str:
-    """The user's line of an error; one re-raised by a DataLoader worker carries the worker's
-    traceback in its message, whose last line is the original error."""
-    text = str(exc).strip()
-    if "Original Traceback" in text:
-        return text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: the command stops where it is (exit code 128 + the signal)."""
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__(signum)
-        self.signum = int(signum)
-        self.name = signal.Signals(self.signum).name
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,18 +24,19 @@ from typing import Any
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from pneumoseg.artifacts import (
     BASE_MANIFEST_FIELDS,
     FAILURES,
     MANIFEST,
     write_csv,
+    write_dataset_info,
     write_test_order,
 )
 from pneumoseg.dicom import SAFE_FIELDS, DicomReadError, prepare_image, read_dicom, resize_mask
 from pneumoseg.files import staged_dir
 from pneumoseg.params import ClaheParams
+from pneumoseg.progress import progress_bar
 from pneumoseg.rle import RLEError, decode_rows, read_rle_csv
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class ConvertSummary:
     failed: int
     manifest: Path
     failures: Path
+    dialect: str  # of the training csv, as set or detected
 
     @property
     def failed_fraction(self) -> float:
@@ -89,6 +91,7 @@ class ConvertSummary:
             f"convert: {self.converted} converted ({self.train} train, {self.test} test, "
             f"{self.positive} with masks), {self.failed} failed"
             + (f" (see {self.failures})" if self.failed else "")
+            + f"; masks read as {self.dialect} RLE"
         )
 
 
@@ -291,7 +294,7 @@ def convert(
         for sub in ("images", "masks"):
             (work / sub).mkdir(parents=True)
         settings = Settings(str(work), size, clahe or ClaheParams(), file_timeout)
-        bar = tqdm(total=len(tasks), desc="convert", unit="img", disable=not progress)
+        bar = progress_bar(total=len(tasks), desc="convert", bars_allowed=progress)
         for result in _results(tasks, settings, workers):
             (failures if "reason" in result else rows).append(result)
             bar.update()
@@ -300,6 +303,7 @@ def convert(
         failures.sort(key=lambda r: r["path"])
         write_csv(work / MANIFEST, MANIFEST_FIELDS, rows)
         write_csv(work / FAILURES, FAILURE_FIELDS, failures)
+        write_dataset_info(work, csv_path.name, table.dialect)
         if sample.is_file():  # the order `submit` writes its rows in
             write_test_order(work, read_sample_ids(sample))
     manifest, failures_csv = out_dir / MANIFEST, out_dir / FAILURES
@@ -313,4 +317,5 @@ def convert(
         failed=len(failures),
         manifest=manifest,
         failures=failures_csv,
+        dialect=table.dialect,
     )

@@ -13,6 +13,7 @@ Every score says which decisions saw its images:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +39,12 @@ def cross_fitted(
     folds: np.ndarray,
     settings: SearchSettings,
     groups: np.ndarray | None = None,
+    after_trial: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray | None, dict[int, dict[str, Any]]]:
     """Per-image dice where each fold is scored with the post-processing that the deployed
     search (same trials, seed, space, grid, groups) finds on the other folds' images; with
-    fewer than two folds there is nothing to cross-fit (None)."""
+    fewer than two folds there is nothing to cross-fit (None). ``after_trial``: called after
+    each search trial (progress)."""
     unique = np.unique(folds)
     if len(unique) < 2:
         return None, {}
@@ -49,7 +52,7 @@ def cross_fitted(
     tuned: dict[int, dict[str, Any]] = {}
     for k in unique:
         held = np.flatnonzero(folds == k)
-        post, report = tune(scorer, settings, groups, np.flatnonzero(folds != k))
+        post, report = tune(scorer, settings, groups, np.flatnonzero(folds != k), after_trial)
         dice[held] = post.per_image(scorer, groups, held)
         tuned[int(k)] = post.as_dict() | {
             "tuned_score": report["score"],

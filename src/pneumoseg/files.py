@@ -94,6 +94,18 @@ def write_json(path: Path | str, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: Path | str, hint: str) -> Any:
+    """The JSON in ``path``; a missing or broken file is one line naming it and ``hint`` (the
+    way out, e.g. "run `pneumoseg evaluate` first")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing ({hint})")
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path}: not valid JSON ({hint})") from None
+
+
 def replace_dir(new: Path, old: Path) -> None:
     """Put folder ``new`` in place of ``old`` (two renames; ``old`` is deleted after)."""
     trash = old.with_name(f".{old.name}.old")

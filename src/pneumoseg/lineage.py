@@ -3,6 +3,7 @@ the data it read, the installed packages and the process that made it (:func:`wo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -45,27 +46,75 @@ def lineage_tags() -> dict[str, str]:
     return tags
 
 
+def source_tags(lineage: dict[str, str], command: str) -> dict[str, str]:
+    """MLflow's standard source tags, which runs created through ``MlflowClient`` do not get:
+    the UI's Source, User and commit columns (``command``: the stage or command)."""
+    import getpass
+
+    tags = {"mlflow.source.name": f"pneumoseg {command}", "mlflow.source.type": "LOCAL"}
+    with contextlib.suppress(Exception):  # a uid without a passwd entry (containers)
+        tags["mlflow.user"] = getpass.getuser()
+    if lineage.get("git_commit", "unknown") != "unknown":
+        tags["mlflow.source.git.commit"] = lineage["git_commit"]
+    return tags
+
+
+def dvc_md5(path: str, stage: str | None = None) -> str | None:
+    """The md5 DVC recorded in ``dvc.lock`` for output ``path`` (of ``stage``, else of any
+    stage; a folder's ends in ``.dir``), or None (no lock file, or not a DVC output)."""
+    lock = Path("dvc.lock")
+    if not lock.is_file():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return None
+    wanted = path.rstrip("/")
+    for name, entry in stages.items():
+        if stage is not None and name != stage:
+            continue
+        for out in entry.get("outs", []):
+            if out.get("path", "").rstrip("/") == wanted and out.get("md5"):
+                return str(out["md5"])
+    return None
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
 def data_hash(processed_dir: str, folds_csv: str | None = None) -> str:
     """Hash of the processed data: the md5 DVC recorded in ``dvc.lock`` for the convert output
     (lineage only), else a sha256 of ``manifest.csv``; combined with the folds file."""
-    processed = processed_dir.rstrip("/")
     parts: list[str] = []
-    lock = Path("dvc.lock")
-    if lock.is_file():
-        try:
-            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-            for out in stages.get("convert", {}).get("outs", []):
-                if out.get("path", "").rstrip("/") == processed and out.get("md5"):
-                    parts.append(f"dvc:{out['md5']}")
-        except yaml.YAMLError:
-            pass
-    if not parts:
-        manifest = Path(processed) / "manifest.csv"
+    md5 = dvc_md5(processed_dir, "convert")
+    if md5:
+        parts.append(f"dvc:{md5}")
+    else:
+        manifest = Path(processed_dir) / "manifest.csv"
         if manifest.is_file():
-            parts.append("manifest:" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:12])
+            parts.append("manifest:" + file_digest(manifest))
     if folds_csv and Path(folds_csv).is_file():
-        parts.append("folds:" + hashlib.sha256(Path(folds_csv).read_bytes()).hexdigest()[:12])
+        parts.append("folds:" + file_digest(folds_csv))
     return ";".join(parts) or "unknown"
+
+
+def dataset_inputs(processed_dir: str, folds_csv: str) -> list[dict[str, str]]:
+    """The data sets a training run reads, for MLflow's run inputs: ``name``, ``source`` (the
+    path), ``digest`` (DVC's md5 from ``dvc.lock``, else ``sha256:`` of the manifest or folds
+    file) and ``context``."""
+    found = []
+    for name, path, stage, fallback in (
+        ("processed", processed_dir, "convert", Path(processed_dir) / "manifest.csv"),
+        ("folds", folds_csv, "split", Path(folds_csv)),
+    ):
+        digest = dvc_md5(path, stage)
+        if digest is None and fallback.is_file():
+            digest = "sha256:" + file_digest(fallback)
+        found.append(
+            {"name": name, "source": path, "digest": digest or "unknown", "context": "training"}
+        )
+    return found
 
 
 def pip_freeze() -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +149,61 @@ def evaluation_plots(
             cases = [(*case(int(i)), float(dice[i])) for i in pick]
             written.append(save_overlay_grid(cases, out / f"{name}.png"))
     return written
+
+
+def threshold_heatmap(
+    grid: np.ndarray, areas: Sequence[float], selected: Any, path: Path, same_gate: bool = True
+) -> dict[str, float] | None:
+    """The threshold search's exhaustive grid as heatmaps, one panel per ``min_area``: bottom
+    threshold across, top threshold up, colour = mean Kaggle dice on the OOF maps (in-sample);
+    entries with bottom > top (never deployed) are blank, each panel's best is ringed. The
+    ``selected`` triplet (the deployed one) is marked with a red cross when it lies on the grid
+    (its ``min_area`` among ``areas``, no component filter, ``same_gate``: the grid was scored
+    with its classifier gate). Returns the marked point (``area``,
+    ``top``, ``bottom`` levels 0-255 and its ``score``) or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = np.arange(grid.shape[1])
+    shown = np.where(levels[None, :] <= levels[:, None], grid, np.nan)  # bottom <= top
+    cols = min(4, len(areas))
+    rows = -(-len(areas) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 3.0 * rows + 0.5), squeeze=False, constrained_layout=True
+    )
+    extent = (-0.5 / 255, 255.5 / 255, -0.5 / 255, 255.5 / 255)
+    top, bottom = round(selected.top_threshold * 255), round(selected.bottom_threshold * 255)
+    on_grid = same_gate and selected.min_area in list(areas) and not selected.min_component_area
+    marked = None
+    image = None
+    for a, ax in enumerate(axes.flat):
+        if a >= len(areas):
+            ax.axis("off")
+            continue
+        image = ax.imshow(
+            shown[a], origin="lower", extent=extent, aspect="auto", cmap="viridis",
+            vmin=np.nanmin(shown), vmax=np.nanmax(shown),
+        )  # fmt: skip
+        ti, bi = np.unravel_index(np.nanargmax(shown[a]), shown[a].shape)
+        ax.plot(bi / 255, ti / 255, "o", mfc="none", mec="white", ms=9)
+        ax.set_title(f"min_area {areas[a]:g} (best {shown[a][ti, bi]:.4f})", fontsize=8)
+        ax.set_xlabel("bottom threshold", fontsize=8)
+        ax.set_ylabel("top threshold", fontsize=8)
+        if on_grid and float(areas[a]) == float(selected.min_area) and marked is None:
+            ax.plot(bottom / 255, top / 255, "x", color="red", ms=11, mew=2.5)
+            marked = {"area": float(areas[a]), "top": top, "bottom": bottom}
+            marked["score"] = float(grid[a, top, bottom])
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="Kaggle mean dice (OOF, in-sample)", shrink=0.8)
+    where = "red cross" if marked else "not on this grid"
+    fig.suptitle(
+        f"deployed triplet: top {selected.top_threshold:.3f}, bottom "
+        f"{selected.bottom_threshold:.3f}, min_area {selected.min_area:g} ({where})",
+        fontsize=9,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return marked

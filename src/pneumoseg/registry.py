@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pneumoseg.locks import file_lock, store_lock
 from pneumoseg.params import Params
-from pneumoseg.tracking import file_lock, store_lock, tracking_uri
+from pneumoseg.tracking import tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -89,6 +90,13 @@ def registered_model(client: MlflowClient, name: str) -> Any:
                 "(run `pneumoseg register` first)"
             ) from None
         raise RegistryError(f"registry: {str(exc.message).splitlines()[0]}") from None
+
+
+def describe(client: MlflowClient, name: str, version: Any, about_model: str, about: str) -> None:
+    """Set ``version``'s description and, when it changed, the registered model's."""
+    client.update_model_version(name, str(version.version), about)
+    if registered_model(client, name).description != about_model:
+        client.update_registered_model(name, about_model)
 
 
 def get_version(client: MlflowClient, name: str, ref: str | None) -> ModelVersion:

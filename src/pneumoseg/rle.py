@@ -65,6 +65,14 @@ def runs_from_rle(
         if (first == 0).any():
             raise RLEError(f"{where}absolute RLE start 0 (starts are 1-based)")
         starts = first - 1
+        ends = starts + lengths
+        bad = np.flatnonzero(starts[1:] < ends[:-1])
+        if bad.size:  # Kaggle's absolute RLE: sorted, non-overlapping runs
+            i = int(bad[0]) + 1
+            raise RLEError(
+                f"{where}absolute RLE run {i + 1} starts at pixel {int(first[i])}, before run "
+                f"{i} ends (pixel {int(ends[i - 1])}): runs must be sorted and must not overlap"
+            )
     if (starts + lengths > height * width).any():
         raise RLEError(f"{where}run past the end of a {height}x{width} image")
     return starts, lengths
@@ -111,22 +119,43 @@ def rle_encode(mask: np.ndarray, dialect: str = "relative") -> str:
 
 
 def _looks_absolute(rle: str) -> bool | None:
-    """True/False for strings with >= 3 runs (sorted, disjoint starts), None if undecidable."""
+    """False for a string whose runs are out of order or overlap read as absolute RLE (it
+    cannot be absolute); True for one with >= :data:`TELLING_RUNS` sorted, disjoint runs (a
+    relative string rarely is); None when the string says nothing either way."""
     try:
         pairs = _parse(rle, "")
     except RLEError:
         return None
-    if len(pairs) < 3:
+    if len(pairs) < 2:
         return None
     starts, lengths = pairs[:, 0], pairs[:, 1]
-    return bool((starts[1:] >= starts[:-1] + lengths[:-1]).all())
+    if not (starts[1:] >= starts[:-1] + lengths[:-1]).all():
+        return False
+    return True if len(pairs) >= TELLING_RUNS else None
 
 
-def detect_dialect(rles: Iterable[str]) -> str:
-    """Guess the dialect of a whole file: ``absolute`` if every multi-run string has sorted,
-    disjoint starts (as absolute RLE must), else ``relative`` (also the default)."""
-    votes = [v for v in (_looks_absolute(r) for r in rles) if v is not None]
-    return "absolute" if votes and all(votes) else "relative"
+TELLING_RUNS = 3  # runs a sorted string needs to count as evidence of the absolute dialect
+TELLING_STRINGS = 3  # such strings a file needs (and none against) to be called absolute
+
+
+def detect_dialect(rles: Iterable[str]) -> str | None:
+    """The dialect of a whole file, or None when it cannot be told. ``relative`` when any
+    string's runs are out of order read as absolute (absolute RLE must be sorted), or when no
+    string has a run (the dialect then changes nothing); ``absolute`` when at least
+    :data:`TELLING_STRINGS` strings of :data:`TELLING_RUNS` or more runs are all sorted and
+    disjoint; otherwise None (too few long strings: a short relative string is often also a
+    valid absolute one, and a single run differs by one pixel between the dialects)."""
+    votes, foreground = [], False
+    for rle in rles:
+        foreground = foreground or rle.strip() not in ("", EMPTY)
+        vote = _looks_absolute(rle)
+        if vote is False:
+            return "relative"
+        if vote:
+            votes.append(vote)
+    if not foreground:
+        return "relative"
+    return "absolute" if len(votes) >= TELLING_STRINGS else None
 
 
 class RLETable:
@@ -168,7 +197,8 @@ def decode_rows(
 def read_rle_csv(path: str | Path, dialect: str = "relative") -> RLETable:
     """Read ``ImageId, EncodedPixels`` (leading space optional) into an :class:`RLETable`.
 
-    ``dialect`` is ``relative``, ``absolute`` or ``auto`` (decided over the whole file). A UTF-8
+    ``dialect`` is ``relative``, ``absolute`` or ``auto`` (decided over the whole file by
+    :func:`detect_dialect`; a file it cannot tell is an error naming the way out). A UTF-8
     byte-order mark and CRLF line ends (a csv saved by Excel) are accepted; repeated rows of one
     ImageId are unioned (the SIIM format: one row per lesion).
     """
@@ -199,7 +229,14 @@ def _read_rle_csv(path: Path, dialect: str) -> RLETable:
                 raise RLEError(f"{path.name} line {line_no}: empty ImageId")
             table.rows.setdefault(image_id, []).append((line_no, rle))
     if dialect == "auto":
-        table.dialect = detect_dialect(r for rows in table.rows.values() for _, r in rows)
+        detected = detect_dialect(r for rows in table.rows.values() for _, r in rows)
+        if detected is None:
+            raise RLEError(
+                f"{path.name}: cannot tell its RLE dialect (fewer than {TELLING_STRINGS} strings "
+                f"of {TELLING_RUNS}+ runs, all also valid absolute RLE); set data.rle_dialect "
+                "(or --dialect) to relative or absolute"
+            )
+        table.dialect = detected
     else:
         _check_dialect(dialect)
     return table

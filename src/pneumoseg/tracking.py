@@ -7,13 +7,12 @@
   :meth:`Tracker.log_rows` logs per-epoch rows exactly once per step, also across a kill and
   resume (it asks the run which steps it already holds).
 - A local sqlite store is shared by concurrent processes (``dvc queue start -j 2``, study
-  workers) through :func:`store_lock`, so none of them fails with "database is locked".
+  workers) through :func:`pneumoseg.locks.store_lock`, so none fails with "database is locked".
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -24,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from pneumoseg.lineage import lineage_tags, worker_alive, worker_id
+from pneumoseg.lineage import lineage_tags, source_tags, worker_alive, worker_id
+from pneumoseg.locks import store_lock
 from pneumoseg.params import MlflowParams
 from pneumoseg.paths import has_scheme, in_repo, sqlite_in_repo
 from pneumoseg.redact import redact, redact_text
@@ -50,59 +50,32 @@ def artifact_location(cfg: MlflowParams, uri: str) -> str | None:
     return location if has_scheme(location) else in_repo(location).resolve().as_uri()
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
-_held_locks: dict[str, int] = {}  # lock file -> depth held by this process (re-entrant)
-
-
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Exclusive access to a local sqlite store for the block (a :func:`file_lock` beside the
-    database); other stores need none."""
-    db = _sqlite_file(uri)
-    if db is None:
-        yield
-        return
-    with file_lock(Path(f"{db}.lock")):
-        yield
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` for the block: released by the OS if the process
-    dies, re-entrant within a process."""
-    lock = str(path)
-    if _held_locks.get(lock):
-        _held_locks[lock] += 1
-        try:
-            yield
-        finally:
-            _held_locks[lock] -= 1
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        _held_locks[lock] = 1
-        try:
-            yield
-        finally:
-            _held_locks[lock] = 0
-            fcntl.flock(fh, fcntl.LOCK_UN)
+# The MLflow 3 UI opens an experiment in the view its kind names; without the tag it may guess
+# the GenAI view (traces, token usage) for a segmentation project.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def ensure_experiment(client: Any, cfg: MlflowParams, uri: str, name: str | None = None) -> str:
     """The id of experiment ``name`` (default ``mlflow.experiment``), created if missing with
-    :func:`artifact_location`; safe when another process creates it at the same time."""
+    :func:`artifact_location` as a model-development experiment (an existing one without a
+    kind gets it); safe when another process creates it at the same time."""
     from mlflow.exceptions import MlflowException
 
     name = name or cfg.experiment
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return str(exp.experiment_id)
     try:
-        return str(client.create_experiment(name, artifact_location=artifact_location(cfg, uri)))
+        return str(
+            client.create_experiment(
+                name,
+                artifact_location=artifact_location(cfg, uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        )
     except MlflowException:
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -191,6 +164,7 @@ class Tracker:
         self._logged_steps: set[int] | None = None  # steps of log_rows already in the run
         self._pending: tuple[str, dict[str, str]] | None = None  # a run not created yet
         self._pending_params: dict[str, Any] = {}
+        self._system: Any = None  # MLflow's SystemMetricsMonitor while it runs
 
     def _fail(self, what: str, exc: Exception) -> None:
         self.missed = True
@@ -245,7 +219,9 @@ class Tracker:
                     return run_id
                 exp_id = ensure_experiment(self.client, self.cfg, self.uri, self.experiment)
                 self._end_dead_runs(exp_id, tags.get("stage"))
-                all_tags = {**lineage_tags(), WORKER_TAG: worker_id(), **tags}
+                lineage = lineage_tags()
+                standard = source_tags(lineage, tags.get("stage") or run_name)
+                all_tags = {**standard, **lineage, WORKER_TAG: worker_id(), **tags}
                 run = self.client.create_run(exp_id, run_name=run_name, tags=redact(all_tags))
             self.run_id = run.info.run_id
             self._pending = None
@@ -362,5 +338,47 @@ class Tracker:
         )
         self.log_text(text, artifact_file)
 
+    def log_datasets(self, datasets: list[dict[str, str]]) -> None:
+        """Data sets as the run's inputs (the UI's "Datasets used"): ``name``, ``source`` (a
+        path), ``digest`` (e.g. DVC's md5) and ``context`` each (:func:`lineage.dataset_inputs`)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=d["name"],
+                    digest=d["digest"][:36],  # MLflow's column width; DVC's md5 fits
+                    source_type="local",
+                    source=json.dumps({"uri": d["source"]}),
+                ),
+                tags=[InputTag("mlflow.data.context", d["context"])],
+            )
+            for d in datasets
+        ]
+        self._call("log_inputs", self.run_id, datasets=inputs)
+
+    def monitor_system(self, resume: bool = False) -> None:
+        """MLflow's system metrics for this run until :meth:`end`: ``system/cpu_utilization_
+        percentage``, memory, disk, network and, with ``nvidia-ml-py``, GPU (runs made through
+        ``MlflowClient`` do not get them from MLflow's switch). ``resume``: continue the steps
+        of a reopened run. Off with ``mlflow.system_metrics: false``."""
+        if not (self.cfg.system_metrics and self.active) or self._system is not None:
+            return
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start chatter
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=resume, tracking_uri=self.uri
+            )
+        except Exception as exc:  # psutil missing, a store that stopped answering
+            log.warning("MLflow system metrics are off for this run: %s", redact_text(str(exc)))
+            return
+        monitor.start()
+        self._system = monitor
+
     def end(self, status: str = "FINISHED") -> None:
+        if self._system is not None:
+            self._system.finish()  # its last samples, before the run is closed
+            self._system = None
         self._call("set_terminated", self.run_id, status=status)

@@ -9,8 +9,8 @@ DICOMs are decoded as ``convert`` does (``read_dicom`` + ``prepare_image`` with 
 ``data.size`` / ``data.clahe``) and predicted as ``submit`` does (same ensemble, TTA and
 post-processing), streamed in batches. Writes to ``--out``:
 
-* ``predictions.csv``: ImageId (file stem), EncodedPixels (``submit.dialect``; ``-1`` = empty),
-  has_pneumothorax (0/1), area_px (native pixels), max_prob;
+* ``predictions.csv``: ImageId (file stem), EncodedPixels (``submit.dialect``, else the
+  model's; ``-1`` = empty), has_pneumothorax (0/1), area_px (native pixels), max_prob;
 * ``masks/<ImageId>.png`` (0/255, native resolution) and ``overlays/<ImageId>.png`` (the
   radiograph with the prediction filled semi-transparently and outlined);
 * ``failures.csv`` (file name, reason) for unreadable inputs; ``model.json`` (what was used).
@@ -156,7 +156,8 @@ def run(
         )
     bundle = load_model(params, model)
     with staged_dir(root, "predicting") as work:  # a kill leaves the previous folder whole
-        summary = _predict_into(work, bundle, files, failures, params.submit.dialect, progress)
+        dialect = params.submit.dialect or bundle.dialect  # set, else the model's
+        summary = _predict_into(work, bundle, files, failures, dialect, progress)
     which = summary.get("model", "")
     if "version" in summary:
         which = f"{summary['name']} version {summary['version']} ({summary['model']})"
@@ -186,12 +187,13 @@ def _predict_into(
 
     from pneumoseg.dicom import DicomReadError, read_dicom
     from pneumoseg.plots import overlay
+    from pneumoseg.progress import progress_bar
     from pneumoseg.serving import result_row
 
     (root / "masks").mkdir()
     (root / "overlays").mkdir()
     natives: dict[str, np.ndarray] = {}  # at most one batch of native images in memory
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
+    bar = progress_bar(total=len(files), desc="predict", bars_allowed=progress)
 
     def items() -> Iterator[tuple[str, np.ndarray, tuple[int, int], dict[str, Any]]]:
         for path in files:

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pneumoseg.demo.dicom_writer import file_dataset, set_pixels
 from pneumoseg.demo.phantom import SPLIT_CODE, Radiograph, seed_sequence, synthesize
 from pneumoseg.params import DemoParams
+from pneumoseg.progress import progress_bar
 from pneumoseg.rle import rle_encode
 
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ def generate_demo(
     formats: Counter[str] = Counter()
     n_bytes = 0
     regions = 0
-    for item in tqdm(plan, desc="demo", unit="img", disable=not progress):
+    for item in progress_bar(plan, desc="demo", bars_allowed=progress):
         rad = synthesize(cfg.seed, item.split, item.index, cfg.size, item.positive)
         study, series, sop = image_uids(cfg.seed, item.split, item.index)
         folder = out / (TRAIN_DIR if item.split == "train" else TEST_DIR) / study / series

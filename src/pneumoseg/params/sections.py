@@ -327,7 +327,9 @@ class EvaluateParams(Strict):
 class SubmitParams(Strict):
     """Kaggle submission for the test DICOMs (`pneumoseg submit`)."""
 
-    dialect: Literal["relative", "absolute"] = "relative"
+    # None: the training csv's dialect (data/processed/dataset.json), so stage 2 data gives
+    # absolute RLE without a setting
+    dialect: Literal["relative", "absolute"] | None = None
     out: str = "submission/submission.csv"
 
 
@@ -353,3 +355,4 @@ class MlflowParams(Strict):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_location: str = "mlruns/artifacts"
     registered_model: str = "pneumoseg"
+    system_metrics: bool = True  # CPU, memory, disk (GPU with nvidia-ml-py) on training runs

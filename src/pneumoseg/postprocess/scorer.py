@@ -326,12 +326,16 @@ def exhaustive_best(
     areas: Sequence[float],
     gates: Sequence[float | None] = (None,),
     subset: np.ndarray | None = None,
+    grids: dict[float | None, np.ndarray] | None = None,
 ) -> tuple[Triplet, float]:
     """Best ordered (bottom <= top) triplet of :meth:`TripletScorer.exhaustive` over every
-    classifier gate in ``gates`` (the first gate wins ties); its exact score."""
+    classifier gate in ``gates`` (the first gate wins ties); its exact score. ``grids``, when
+    given, receives each gate's full score array (for the heatmap)."""
     best: tuple[Triplet, float] | None = None
     for gate in gates:
-        t, s, _ = scorer.exhaustive(areas, subset=subset, cls_gate=gate, ordered=True)
+        t, s, grid = scorer.exhaustive(areas, subset=subset, cls_gate=gate, ordered=True)
+        if grids is not None:
+            grids[gate] = grid
         if best is None or s > best[1] + _TIE_TOL:
             best = (t, s)
     if best is None:

@@ -196,11 +196,13 @@ def select_triplets(
     settings: SearchSettings,
     groups: np.ndarray | None = None,
     subset: np.ndarray | None = None,
+    grids: dict[float | None, np.ndarray] | None = None,
 ) -> tuple[PostProcess, dict[str, Any]]:
     """The deployed choice on ``subset``: the study's best triplet or, when better, the grid's
     (per group: the score adds up over groups, so each group keeps its better one; the default
     triplet, for groups never seen, is the ungrouped grid optimum). Returns the post-processing
-    and a report (``score``, ``selected``, ``optuna_best_score``, ``exhaustive`` ...)."""
+    and a report (``score``, ``selected``, ``optuna_best_score``, ``exhaustive`` ...).
+    ``grids`` receives the ungrouped exhaustive score arrays per gate (see exhaustive_best)."""
     idx = _subset(scorer, subset)
     report: dict[str, Any] = {"optuna_best_score": float(study.best_value)}
     t0 = time.perf_counter()
@@ -209,14 +211,14 @@ def select_triplets(
         post, score, selected = PostProcess(best), float(study.best_value), "optuna"
         report["optuna"] = asdict(best)
         if settings.exhaustive:
-            ex_best, ex_score = exhaustive_best(scorer, settings.areas, settings.gates, idx)
+            ex_best, ex_score = exhaustive_best(scorer, settings.areas, settings.gates, idx, grids)
             report["exhaustive"] = asdict(ex_best) | {"score": ex_score}
             if ex_score > score:
                 post, score, selected = PostProcess(ex_best), ex_score, "exhaustive"
     else:
         labels = np.asarray(groups)
         names = sorted({str(g) for g in labels[idx]})
-        default = exhaustive_best(scorer, settings.areas, settings.gates, idx)[0]
+        default = exhaustive_best(scorer, settings.areas, settings.gates, idx, grids)[0]
         chosen: dict[str, Triplet] = {}
         picked: dict[str, str] = {}
         candidates: dict[str, dict[str, Any]] = {}
@@ -254,8 +256,10 @@ def tune(
     settings: SearchSettings,
     groups: np.ndarray | None = None,
     subset: np.ndarray | None = None,
+    after_trial: Callable[[], None] | None = None,
 ) -> tuple[PostProcess, dict[str, Any]]:
-    """The whole deployed search on ``subset`` with a fresh in-memory study (cross-fitting)."""
+    """The whole deployed search on ``subset`` with a fresh in-memory study (cross-fitting);
+    ``after_trial`` is called after each trial (progress)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -263,5 +267,7 @@ def tune(
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
     )
-    study.optimize(search_objective(scorer, settings.space, groups, subset), settings.trials)
+    callbacks = [lambda _study, _trial: after_trial()] if after_trial else None
+    objective = search_objective(scorer, settings.space, groups, subset)
+    study.optimize(objective, settings.trials, callbacks=callbacks)
     return select_triplets(study, scorer, settings, groups, subset)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pneumoseg.artifacts import output_dialect
+
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow.models import ModelSignature
@@ -84,7 +86,7 @@ def build_bundle(
         post=post,
         size=params.data.size,
         clahe=params.data.clahe,
-        dialect=params.submit.dialect,
+        dialect=output_dialect(params.submit.dialect, params.data.processed_dir),
         description=description,
         limits=params.serving,
     )

@@ -70,6 +70,48 @@ def pinned_requirements(names: tuple[str, ...] = SERVING_REQUIREMENTS) -> list[s
     return pins
 
 
+MODEL_DESCRIPTION = """\
+Pneumothorax segmentation of chest X-ray DICOMs (SIIM-ACR), trained and registered by pneumoseg:
+a fold ensemble of segmentation-models-pytorch models with flip TTA and the tuned
+post-processing (top threshold, bottom threshold, minimum area), as an MLflow pyfunc that ships
+the pneumoseg code.
+
+Input: a DataFrame, one row per image: `image_id` and either `dicom_b64` (a base64 DICOM file)
+or `image` (uint8 grayscale rows at the native size, air dark). Output: `ImageId`,
+`EncodedPixels` (RLE at the native size, -1 = empty), `has_pneumothorax`, `area_px`,
+`max_prob`. The param `dialect` (`relative` or `absolute`) picks the RLE dialect.
+
+Call it:
+- `pneumoseg predict --model models:/{name}@champion --input <DICOM files or folders>`
+- `mlflow.pyfunc.load_model("models:/{name}@champion").predict(frame)`
+- `pneumoseg serve --model models:/{name}@champion`, then POST /invocations
+
+Aliases: `champion` is the deployed version, `challenger` the latest registered;
+`pneumoseg models promote <version>` and `pneumoseg models rollback` move them."""
+
+
+def model_description(name: str) -> str:
+    """The registered model's description: what it is, its columns, how to call it."""
+    return MODEL_DESCRIPTION.format(name=name)
+
+
+def version_description(
+    settings: dict[str, Any], scores: dict[str, float], data_hash: str, commit: str
+) -> str:
+    """A version's description: folds, checkpoints, TTA and dialect (``settings``: the dotted
+    keys it was packaged with), each OOF score with what it saw, the data and the commit."""
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    folds = ",".join(str(k) for k in settings["train.folds"])
+    tta = "on" if settings["oof.tta_hflip"] else "off"
+    return (
+        f"Folds {folds} ({settings['oof.checkpoints']} checkpoints, flip TTA {tta}), "
+        f"{settings['submit.dialect']} RLE. Scores on the out-of-fold images: {shown} "
+        "(kaggle_dice is in-sample: the thresholds were tuned on those images; cross_fitted: "
+        "no threshold saw the image it scores; untouched: no decision saw them; "
+        f"empty_baseline: the all-empty predictor). Data {data_hash}, git {commit[:12]}."
+    )
+
+
 def log_pyfunc(
     members: list[tuple[str, Path]],
     postprocess: Path,

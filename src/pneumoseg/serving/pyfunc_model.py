@@ -13,7 +13,8 @@ Input: a pandas DataFrame, one row per image, columns
   its native resolution (air dark), prepared the same way (CLAHE if the model used it, resize).
 
 Each row gives exactly one of ``dicom_b64`` and ``image``. Params: ``dialect`` (``relative``,
-the SIIM stage-1 RLE, by default, or ``absolute``).
+the SIIM stage-1 RLE, or ``absolute``; by default the one the model was registered with: the
+training csv's unless ``submit.dialect`` was set).
 
 Output: a DataFrame, one row per input row in the same order: ``ImageId`` (str),
 ``EncodedPixels`` (RLE at the native resolution, ``-1`` = no pneumothorax), ``has_pneumothorax``

@@ -33,6 +33,7 @@ from pneumoseg.postprocess import (
     group_labels,
     oof_scorer,
 )
+from pneumoseg.progress import progress_bar
 from pneumoseg.tracking import Tracker
 
 
@@ -58,9 +59,15 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     dice = post.per_image(scorer, group_labels(post.group_by, ids, manifest))
     folds = np.array([f for _, f in ids])
     positive = scorer.gt > 0
+    n_searches = len(np.unique(folds)) if len(np.unique(folds)) > 1 else 0
+    bar = progress_bar(
+        total=n_searches * settings.trials, desc="evaluate: cross-fitting", unit="trial",
+        bars_allowed=progress,
+    )  # fmt: skip
     cf_dice, cf_tuned = cross_fitted(
-        scorer, folds, settings, group_labels(settings.group_by, ids, manifest)
+        scorer, folds, settings, group_labels(settings.group_by, ids, manifest), bar.update
     )
+    bar.close()
     found = decisions(
         ids,
         read_oof_models(params.oof.out_dir),

@@ -9,13 +9,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pneumoseg.artifacts import (
     image_path,
     mask_path,
     open_oof_arrays,
     read_folds,
+    write_learning_curves,
     write_oof_ids,
     write_oof_models,
 )
@@ -23,6 +23,7 @@ from pneumoseg.data import read_gray
 from pneumoseg.files import staged_dir
 from pneumoseg.inference import Ensemble, fold_model_files, to_uint8_probs
 from pneumoseg.params import Params
+from pneumoseg.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ def run(params: Params, progress: bool = True) -> Path:
     with staged_dir(out) as work:  # a kill or a full disk leaves the previous maps whole
         write_maps(work, ensembles, order, processed, size, progress)
         write_oof_ids(work, order)
+        missing = write_learning_curves(work, params.train.models_dir, trained)
+        if missing:
+            log.warning("oof: folds %s have no history.csv (trained before it was kept); "
+                        "their learning curves are left out", missing)  # fmt: skip
         write_oof_models(
             work,
             {
@@ -78,7 +83,7 @@ def write_maps(
     probs, masks = open_oof_arrays(out, len(order), size)
     has_cls = all(e.has_cls for e in ensembles.values())
     cls_all = np.zeros(len(order), dtype=np.uint8) if has_cls else None
-    bar = tqdm(total=len(order), desc="oof", unit="img", disable=not progress)
+    bar = progress_bar(total=len(order), desc="oof", bars_allowed=progress)
     row = 0
     for k, ensemble in ensembles.items():
         images = ((i, read_gray(image_path(processed, i))) for i, f in order if f == k)

@@ -12,11 +12,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pneumoseg.files import write_json
+from pneumoseg.artifacts import output_dialect
+from pneumoseg.files import read_json, write_json
 from pneumoseg.lineage import lineage_tags
+from pneumoseg.locks import store_lock
 from pneumoseg.params import Params, digest, flatten, stage_values
 from pneumoseg.serving.package import package_digest
-from pneumoseg.tracking import Tracker, fluent_run, scoped_env, store_lock, tracking_uri
+from pneumoseg.tracking import Tracker, fluent_run, scoped_env, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +28,6 @@ SCORES = ("kaggle_dice", "kaggle_dice_cross_fitted", "kaggle_dice_untouched", "e
 
 class RegisterError(RuntimeError):
     """A missing input of the register stage; the message says which stage to run."""
-
-
-def _read_json(path: str | Path, hint: str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise RegisterError(f"{path}: missing ({hint})")
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise RegisterError(f"{path}: not valid JSON ({hint})") from None
 
 
 def ensemble_files(params: Params) -> list[tuple[str, Path]]:
@@ -55,8 +47,8 @@ def lineage(params: Params) -> dict[str, Any]:
     and params hashes come from the fold model files themselves (their ``meta``)."""
     import torch
 
-    evaluation = _read_json(params.evaluate.out, "run `pneumoseg evaluate` first")
-    post = _read_json(params.thresholds.out, "run `pneumoseg thresholds` first")
+    evaluation = read_json(params.evaluate.out, "run `pneumoseg evaluate` first")
+    post = read_json(params.thresholds.out, "run `pneumoseg thresholds` first")
     runs: dict[int, str] = {}
     data_hashes: set[str] = set()
     training_hashes: set[str] = set()
@@ -66,7 +58,8 @@ def lineage(params: Params) -> dict[str, Any]:
         runs.setdefault(fold, str(meta.get("mlflow_run_id") or ""))
         data_hashes.add(str(meta.get("data_hash", "unknown")))
         training_hashes.add(str(meta.get("params_hash", "unknown")))
-    own = stage_values(params, "register")
+    own = stage_values(params, "register")  # submit.dialect as the package will write it:
+    own["submit.dialect"] = output_dialect(params.submit.dialect, params.data.processed_dir)
     return {
         "model_digest": package_digest(
             ensemble_files(params),
@@ -114,7 +107,7 @@ def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, str]:
     import mlflow
 
     from pneumoseg import registry
-    from pneumoseg.serving.package import log_pyfunc
+    from pneumoseg.serving.package import log_pyfunc, model_description, version_description
 
     uri = tracking_uri(params.mlflow)
     tracker = Tracker(params.mlflow)
@@ -133,13 +126,19 @@ def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, str]:
                 ensemble_files(params),
                 Path(params.thresholds.out),
                 info["params"],
-                params.submit.dialect,
+                info["params"]["submit.dialect"],
             )
             version = mlflow.register_model(
                 model_info.model_uri,
                 params.mlflow.registered_model,
                 tags=version_tags(params, info, tracker.run_id),
             )
+        name, commit = params.mlflow.registered_model, info["git"].get("git_commit", "unknown")
+        scores = {k: ev[k] for k in SCORES if isinstance(ev.get(k), float)}
+        about = version_description(info["params"], scores, info["data_hash"], commit)
+        registry.describe(
+            registry.open_client(params), name, version, model_description(name), about
+        )
         tracker.end()
     return version, model_info.model_uri
 

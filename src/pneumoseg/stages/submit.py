@@ -7,12 +7,17 @@ import csv
 import logging
 from pathlib import Path
 
-from tqdm import tqdm
-
-from pneumoseg.artifacts import image_path, native_size, read_manifest, read_test_order
+from pneumoseg.artifacts import (
+    image_path,
+    native_size,
+    output_dialect,
+    read_manifest,
+    read_test_order,
+)
 from pneumoseg.data import read_gray
 from pneumoseg.files import atomic_file
 from pneumoseg.params import Params
+from pneumoseg.progress import progress_bar
 from pneumoseg.rle import rle_encode
 
 log = logging.getLogger(__name__)
@@ -25,6 +30,7 @@ def run(params: Params, progress: bool = True) -> Path:
     from pneumoseg.postprocess import PostProcess
 
     processed = params.data.processed_dir
+    dialect = output_dialect(params.submit.dialect, processed)
     manifest = read_manifest(processed)
     test = sorted(i for i, r in manifest.items() if r["split"] == "test")
     post = PostProcess.load(params.thresholds.out)
@@ -36,10 +42,9 @@ def run(params: Params, progress: bool = True) -> Path:
         for i in test
     )
     rles: dict[str, str] = {}
-    for pred in tqdm(
-        predict_masks(ens, post, items), total=len(test), desc="submit", disable=not progress
-    ):
-        rles[pred.image_id] = rle_encode(pred.mask, params.submit.dialect)
+    predictions = predict_masks(ens, post, items)
+    for pred in progress_bar(predictions, total=len(test), desc="submit", bars_allowed=progress):
+        rles[pred.image_id] = rle_encode(pred.mask, dialect)
     sample = read_test_order(processed)
     order = sample if sample is not None else test
     missing = [i for i in order if i not in rles]
@@ -63,6 +68,6 @@ def run(params: Params, progress: bool = True) -> Path:
     positive = sum(rles.get(i, "-1") != "-1" for i in order)
     print(
         f"submit: {len(order)} images ({positive} with pneumothorax, {len(missing)} missing) "
-        f"-> {out} [{params.submit.dialect} RLE]"
+        f"-> {out} [{dialect} RLE]"
     )
     return out

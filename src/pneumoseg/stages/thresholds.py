@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from pneumoseg.files import write_json
 from pneumoseg.lineage import worker_id
 from pneumoseg.params import Params
+from pneumoseg.plots import threshold_heatmap
 from pneumoseg.postprocess import (
     SearchSettings,
     group_labels,
@@ -26,6 +28,7 @@ from pneumoseg.postprocess import (
     search_objective,
     select_triplets,
 )
+from pneumoseg.progress import progress_bar
 from pneumoseg.redact import redact
 from pneumoseg.studies.report import MlflowTrialLogger, save_study_plots
 from pneumoseg.studies.storage import (
@@ -104,17 +107,19 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         return objective(trial)
 
     register_worker(study, owner)  # before its first trial (see stale_trials)
+    bar = progress_bar(total=remaining, desc="thresholds", unit="trial", bars_allowed=progress)
     try:
         study.optimize(
             owned,
             n_trials=remaining,
-            callbacks=[MlflowTrialLogger(tracker)],
-            show_progress_bar=progress and remaining > 0,
+            callbacks=[MlflowTrialLogger(tracker), lambda _study, _trial: bar.update()],
         )
     finally:
+        bar.close()
         unregister_worker(study, owner)
     elapsed = time.perf_counter() - t0
-    post, report = select_triplets(study, scorer, settings, groups)
+    grids: dict[float | None, Any] = {}
+    post, report = select_triplets(study, scorer, settings, groups, grids=grids)
     result: dict[str, Any] = {
         **post.as_dict(),
         **report,
@@ -131,8 +136,15 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     if "exhaustive" in result:
         metrics["exhaustive_score"] = result["exhaustive"]["score"]
     write_json(cfg.metrics, metrics)
-    for path in save_study_plots(study, Path(cfg.plots_dir)):
-        tracker.log_artifact(path, "study_plots")
+    with tempfile.TemporaryDirectory(prefix="pneumoseg-study-html-") as html:  # MLflow only
+        for path in save_study_plots(study, Path(cfg.plots_dir), html_dir=Path(html)):
+            tracker.log_artifact(path, "study_plots")
+    if grids:  # the grid of the deployed triplet's gate (else the first), its triplet marked
+        gate = post.default.cls_gate if post.default.cls_gate in grids else next(iter(grids))
+        heatmap = Path(cfg.plots_dir) / "exhaustive_heatmap.png"
+        same = gate == post.default.cls_gate
+        threshold_heatmap(grids[gate], settings.areas, post.default, heatmap, same)
+        tracker.log_artifact(heatmap, "plots")
     tracker.log_metrics(
         {"best_score": result["score"], "empty_baseline": result["empty_baseline"]}
         | ({"exhaustive_score": result["exhaustive"]["score"]} if "exhaustive" in result else {}),

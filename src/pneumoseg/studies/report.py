@@ -32,10 +32,13 @@ class MlflowTrialLogger:
         self.tracker.log_metrics(metrics, step=trial.number)
 
 
-def save_study_plots(study: Any, out_dir: Path, params: list[str] | None = None) -> list[Path]:
+def save_study_plots(
+    study: Any, out_dir: Path, params: list[str] | None = None, html_dir: Path | None = None
+) -> list[Path]:
     """Optimisation history, slices, parameter importances and parallel coordinates as PNG
-    (matplotlib) and self-contained HTML (plotly). Plots that cannot be made are skipped with a
-    log line (e.g. importances need two completed trials and two parameters)."""
+    (matplotlib) in ``out_dir`` and self-contained HTML (plotly) in ``html_dir`` (default
+    ``out_dir``; DVC renders only the PNGs of a plots folder). Plots that cannot be made are
+    skipped with a log line (e.g. importances need two completed trials and two parameters)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +48,9 @@ def save_study_plots(study: Any, out_dir: Path, params: list[str] | None = None)
     import optuna.visualization.matplotlib as vis_mpl
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    html_dir = html_dir or out_dir
+    for folder in (out_dir, html_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     with warnings.catch_warnings():  # matplotlib/optuna chatter about few or equal values
         warnings.simplefilter("ignore", UserWarning)
@@ -59,8 +64,8 @@ def save_study_plots(study: Any, out_dir: Path, params: list[str] | None = None)
                 fig.savefig(out_dir / f"{name}.png", dpi=90)
                 plt.close(fig)
                 written.append(out_dir / f"{name}.png")
-                getattr(vis, f"plot_{name}")(study, **kwargs).write_html(out_dir / f"{name}.html")
-                written.append(out_dir / f"{name}.html")
+                getattr(vis, f"plot_{name}")(study, **kwargs).write_html(html_dir / f"{name}.html")
+                written.append(html_dir / f"{name}.html")
             except (ValueError, RuntimeError, ZeroDivisionError) as exc:
                 log.info("study plot %s skipped: %s", name, exc)
     return written

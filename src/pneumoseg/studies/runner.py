@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumoseg.lineage import worker_id
+from pneumoseg.locks import file_lock
 from pneumoseg.params import (
     Params,
     ParamsError,
@@ -51,7 +52,6 @@ from pneumoseg.studies.storage import (
     OWNER_ATTR,
     WORKER_PREFIX,
     fail_stale_trials,
-    file_lock,
     live_workers,
     open_storage,
     register_worker,
@@ -289,16 +289,33 @@ class StudyRunner:
             for path in plots:
                 self.parent.log_artifact(path, "plots")
         value = "-" if trial.value is None else f"{trial.value:.4f}"
+        finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
         log.info(
-            "study %s: trial %d %s value %s; best %s; %d/%d finished",
+            "study %s: trial %d %s value %s in %s; best %s; %d/%d finished%s",
             self.name,
             trial.number,
             trial.state.name,
             value,
+            _minutes(trial.duration.total_seconds() if trial.duration else None),
             "-" if best is None else f"{best.value:.4f} (trial {best.number})",
-            counts.get("COMPLETE", 0) + counts.get("PRUNED", 0),
+            finished,
             self.target,
+            self._eta(study, finished),
         )
+
+    def _eta(self, study: Any, finished: int) -> str:
+        """``; ETA ...``: the mean time of the study's finished trials times the trials left,
+        shared by the live workers."""
+        from optuna.trial import TrialState
+
+        states = (TrialState.COMPLETE, TrialState.PRUNED)
+        times = [t.duration.total_seconds() for t in study.get_trials(False, states) if t.duration]
+        left = self.target - finished
+        if not times or left <= 0:
+            return ""
+        workers = max(1, len(live_workers(study)))
+        eta = sum(times) / len(times) * left / workers
+        return f"; ETA {_minutes(eta)} ({workers} worker{'s' if workers > 1 else ''})"
 
     def _best(self) -> Any:
         with contextlib.suppress(ValueError):
@@ -360,6 +377,12 @@ class StudyRunner:
             f"study {self.name}: this worker ran {ran} trial(s); study: {states}; best {best_text}"
         )
         return summary
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 # ----------------------------------------------------------------------------- show/apply

@@ -12,10 +12,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import albumentations as A
 import numpy as np
 import torch
 from torch import nn
 
+from pneumoseg.augment import build_train_transform
 from pneumoseg.data import SegDataset
 from pneumoseg.files import staged_dir, write_json
 from pneumoseg.lineage import pip_freeze
@@ -107,6 +109,7 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
             shutil.copy2(t.work / c["path"], out / "checkpoints" / c["path"])
         ckpts = [c | {"monitor": t.monitor} for c in state.topk]
         (out / "checkpoints.json").write_text(json.dumps(ckpts, indent=2) + "\n")
+        write_history(state.history, out / "history.csv")  # the fold's record (oof's curves)
     write_history(state.history, t.plots / "history.csv")
     plot_history(state.history, t.plots / "learning_curves.png", t.fold)
     overlays(t, model, held, size)
@@ -153,6 +156,9 @@ def log_fold_record(
             if (out / name).is_file():
                 tracker.log_artifact(out / name, "model")
     tracker.log_dict(stage_values(params, "train"), "params.yaml")
+    for index, part in enumerate(cfg.parts):  # albumentations' own serialisation (A.from_dict)
+        transform = A.to_dict(build_train_transform(cfg.augment, part.size))
+        tracker.log_dict(transform, f"augment/part{index}_train_transform.json")
     tracker.log_text(pip_freeze() + "\n", "environment/requirements.txt")
 
 

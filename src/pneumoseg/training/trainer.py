@@ -20,17 +20,17 @@ import torch
 import torch.utils.deterministic
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pneumoseg.artifacts import read_folds
 from pneumoseg.augment import build_train_transform
 from pneumoseg.data import SegDataset
 from pneumoseg.folds import FoldImages
-from pneumoseg.lineage import data_hash
+from pneumoseg.lineage import data_hash, dataset_inputs
 from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
 from pneumoseg.models import build_model, forward
 from pneumoseg.params import Params, flatten, stage_digest, stage_values
+from pneumoseg.progress import progress_bar
 from pneumoseg.sampling import SampleRateSampler, sample_rate_at
 from pneumoseg.tracking import Tracker
 from pneumoseg.training.callbacks import Callback, default_callbacks
@@ -145,10 +145,15 @@ class FoldTrainer:
         tags["data_hash"] = self.data_hash
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
+        reopened = bool(self.state.mlflow_run_id)
         run_id = self.tracker.start(f"train-fold{self.fold}", tags, self.state.mlflow_run_id)
-        if not self.state.mlflow_run_id:  # a new run (its params wait if the store is down)
+        if not reopened:  # a new run (its params wait if the store is down)
             self.state.mlflow_run_id = run_id
             self.tracker.log_params(flatten(stage_values(self.params, "train")))
+            self.tracker.log_datasets(
+                dataset_inputs(self.params.data.processed_dir, self.params.split.out)
+            )
+        self.tracker.monitor_system(resume=reopened)
         if not resumed:
             self.store.save(self.state, {"model": model.state_dict()})
         self.store.remove_unlisted(self.state)
@@ -297,7 +302,7 @@ class FoldTrainer:
         optimizer.zero_grad(set_to_none=True)
         loader = part.train_loader
         for i, (x, y, _) in enumerate(
-            tqdm(loader, desc=desc, leave=False, disable=not self.progress)
+            progress_bar(loader, desc=desc, unit="batch", bars_allowed=self.progress, inner=True)
         ):
             x, y = self.to_device(x), y.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):

@@ -1,0 +1,78 @@
+"""How the command line talks to its user: logging set-up (one line per record, our progress
+at INFO, no URL password), one-line errors (with ``--debug``, the traceback above), and
+SIGTERM handled like Ctrl-C (the command stops where it is; a rerun continues)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+DEBUG_ENV = "PNEUMOSEG_DEBUG"
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(debug: bool) -> None:
+    """Our own lines at INFO, other libraries' when they warn; tracebacks in log records
+    shrink to their last line unless ``debug``; every line passes the redactor."""
+    from pneumoseg.redact import RedactingFilter
+
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        if not debug:
+            handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+        handler.addFilter(RedactingFilter())  # no URL password in any log line
+    logging.getLogger("pneumoseg").setLevel(logging.INFO)
+
+
+def report_error(command: str, exc: BaseException, debug: bool) -> None:
+    """``pneumoseg COMMAND: error: <one line>`` on stderr; with ``debug`` the (redacted)
+    traceback above it, e.g. to see where a CUDA out-of-memory (a ``RuntimeError``) happened."""
+    from pneumoseg.redact import redact_text
+
+    if debug:
+        import traceback
+
+        print(redact_text("".join(traceback.format_exc())), file=sys.stderr, end="")
+    print(f"pneumoseg {command}: error: {redact_text(one_line(exc))}", file=sys.stderr)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records on one line: an attached traceback becomes its last line (the error).
+
+    pydicom logs a decoder's traceback for a corrupt file that pneumoseg already reports as a
+    failure row; a user reads one line per problem, not a stack.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(
+            logging.makeLogRecord(
+                {**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None}
+            )
+        )
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            line += f" ({type(error).__name__}: {one_line(error)})"
+        return line
+
+
+def one_line(exc: BaseException) -> str:
+    """The user's line of an error; one re-raised by a DataLoader worker carries the worker's
+    traceback in its message, whose last line is the original error."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the command stops where it is (exit code 128 + the signal)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+
+
+def terminated(signum: int, frame: object) -> None:
+    raise Interrupted(signum)

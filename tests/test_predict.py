@@ -139,6 +139,24 @@ def test_predict_rejects_unknown_model_folders(project: Path, dicoms: Path, tmp_
         assert stderr.count("\n") <= 2  # one line per problem, no traceback
 
 
+def test_predict_device_flag(project: Path, dicoms: Path, tmp_path: Path) -> None:
+    """--device cpu predicts what the default (no GPU here) predicts; a device that is not
+    there, or is not a device, is one line."""
+    import torch
+
+    args = ("-q", "predict", "--model", "models", "--input", str(dicoms))
+    assert cli(*args, "--out", str(tmp_path / "default"), cwd=project)[0] == 0
+    assert cli(*args, "--out", str(tmp_path / "cpu"), "--device", "cpu", cwd=project)[0] == 0
+    default, cpu = (tmp_path / d / "predictions.csv" for d in ("default", "cpu"))
+    assert cpu.read_bytes() == default.read_bytes()
+    for device, message in (("cuda", "no CUDA device here"), ("gpu0", "expected cpu, cuda")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        out = str(tmp_path / device)
+        code, _, stderr = cli(*args, "--out", out, "--device", device, cwd=project)
+        assert code == 1 and message in stderr and stderr.count("\n") == 1, stderr
+
+
 def test_served_frame_matches_predict(project: Path, dicoms: Path, tmp_path: Path) -> None:
     """The pyfunc's request path (base64 DICOM or image array) gives predict's numbers."""
     import pandas as pd

@@ -81,6 +81,12 @@ def test_train_records_everything_and_parts_hand_over(
 
     model, meta = load_model_file(project / "models/folds/fold0/model.pt")
     assert meta["size"] == 96 and meta["fold"] == 0 and meta["mlflow_run_id"]
+    import segmentation_models_pytorch as smp  # ... and opens with plain smp, same weights
+
+    plain = smp.from_pretrained(str(project / "models/folds/fold0/smp")).eval()
+    assert type(plain) is type(model)
+    pairs = zip(plain.state_dict().values(), model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     ckpts = json.loads((project / "models/folds/fold0/checkpoints.json").read_text())
     assert {c["part"] for c in ckpts} == {0, 1} and len(ckpts) <= 4
     for c in ckpts:

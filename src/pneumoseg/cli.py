@@ -185,6 +185,7 @@ COMMANDS: dict[str, Command] = {
             ),
             Flag("--input", "inputs", str, "DICOM files or folders", required=True, nargs="+"),
             Flag("--out", "out", str, "output folder", required=True),
+            Flag("--device", "device", str, "cpu, cuda or cuda:N (default: cuda if present)"),
         ],
         examples=(
             "pneumoseg predict --input scans/ --out predictions",

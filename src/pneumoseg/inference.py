@@ -55,7 +55,9 @@ def ensemble_members(
 
 
 class Ensemble:
-    """Averages sigmoid probabilities over models and (optionally) horizontal-flip TTA."""
+    """Averages sigmoid probabilities over models and (optionally) horizontal-flip TTA. On a
+    CUDA device the models run in channels_last with float16 autocast (AMP), as in training;
+    on the CPU in float32 (bit-for-bit reproducible)."""
 
     def __init__(
         self,
@@ -64,12 +66,14 @@ class Ensemble:
         device: str | torch.device | None = None,
         batch_size: int = 16,
     ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device)
         self.files = [Path(f) for f in files]
         if not self.files:
             raise ModelError("ensemble: no model files")
+        self.cuda = self.device.type == "cuda"
+        self.memory_format = torch.channels_last if self.cuda else torch.contiguous_format
         loaded = [load_model_file(f, self.device) for f in self.files]
-        self.models = [m for m, _ in loaded]
+        self.models = [m.to(memory_format=self.memory_format) for m, _ in loaded]
         self.metas = [meta for _, meta in loaded]
         sizes = {m["size"] for m in self.metas}
         channels = {m["in_channels"] for m in self.metas}
@@ -100,14 +104,16 @@ class Ensemble:
             if image.shape != (self.size, self.size):
                 image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
             batch.append(to_tensor(image, self.in_channels))
-        x = torch.stack(batch).to(self.device)
+        x = torch.stack(batch).to(self.device, memory_format=self.memory_format)
         probs = torch.zeros((x.shape[0], 1, self.size, self.size), device=self.device)
         cls_sum = torch.zeros((x.shape[0], 1), device=self.device)
         views = [False, True] if self.tta_hflip else [False]
+        amp = torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda)
         for model in self.models:
             for flip in views:
                 inp = torch.flip(x, dims=[3]) if flip else x
-                logits, cls = forward(model, inp)
+                with amp:
+                    logits, cls = forward(model, inp)
                 p = torch.sigmoid(logits.float())
                 probs += torch.flip(p, dims=[3]) if flip else p
                 if cls is not None:
@@ -135,6 +141,22 @@ class Ensemble:
                 keys, batch = [], []
         if batch:
             yield (keys, *self.predict(batch, out_size))
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` (``cpu``, ``cuda``, ``cuda:1``), or CUDA when there is one, else the CPU; a
+    CUDA device that is not there is one line, not a deserialisation error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device}: no CUDA device here (use --device cpu)")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise ModelError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return chosen
 
 
 def to_uint8_probs(probs: np.ndarray) -> np.ndarray:

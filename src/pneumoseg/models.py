@@ -122,6 +122,13 @@ def load_model_file(
     return model.to(device).eval(), meta
 
 
+def save_smp_folder(model_file: str | Path, folder: str | Path) -> None:
+    """The model of ``model_file`` as segmentation-models-pytorch's own folder (``config.json``
+    + ``model.safetensors``), which ``smp.from_pretrained(folder)`` opens without pneumoseg."""
+    model, _ = load_model_file(model_file)  # a fresh CPU copy in the default memory format
+    model.save_pretrained(str(folder))  # type: ignore[operator]
+
+
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Element-wise mean of float tensors; integer buffers (BN counters) from the first."""
     out = {}

@@ -63,8 +63,9 @@ def _mlflow_folder(folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
     return artifacts, config
 
 
-def load_model(params: Params, model: str | None) -> Bundle:
-    """Resolve ``--model`` (see the module docstring) into a ready :class:`Bundle`."""
+def load_model(params: Params, model: str | None, device: str | None = None) -> Bundle:
+    """Resolve ``--model`` (see the module docstring) into a ready :class:`Bundle` on
+    ``device`` (``--device``; default CUDA when there is one)."""
     from pneumoseg.inference import ensemble_members
     from pneumoseg.models import ModelError
     from pneumoseg.registry import download_model
@@ -75,14 +76,14 @@ def load_model(params: Params, model: str | None) -> Bundle:
         if _is_uri(model):
             with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as tmp:
                 folder, info = download_model(params, model, Path(tmp))
-                bundle = bundle_from_artifacts(*_mlflow_folder(folder))
+                bundle = bundle_from_artifacts(*_mlflow_folder(folder), device)
             bundle.description = {**info, **bundle.description}
             return bundle
         folder = Path(model)
         if not folder.is_dir():
             raise FileNotFoundError(f"--model {model}: no such folder")
         if (folder / "MLmodel").is_file():
-            bundle = bundle_from_artifacts(*_mlflow_folder(folder))
+            bundle = bundle_from_artifacts(*_mlflow_folder(folder), device)
             bundle.description = {"model": str(folder), **bundle.description}
             return bundle
         post = folder / "postprocess.json"
@@ -94,7 +95,7 @@ def load_model(params: Params, model: str | None) -> Bundle:
         members = ensemble_members(folder / "folds", params.train.folds, params.oof.checkpoints)
         files = [f for _, f in members]
         description = {"model": str(folder), "files": [str(f) for f in files]}
-        return build_bundle(files, post, params, description)
+        return build_bundle(files, post, params, description, device)
     except ModelError as exc:
         raise PredictError(f"--model {model}: {exc}") from None
 
@@ -137,6 +138,7 @@ def run(
     model: str | None = None,
     inputs: list[str] | None = None,
     out: str = "predictions",
+    device: str | None = None,
 ) -> dict[str, Any]:
     """CLI entry of ``pneumoseg predict``; returns a summary."""
 
@@ -154,7 +156,7 @@ def run(
             f"--out {root} holds files predict did not write ({', '.join(foreign[:3]) or root}); "
             "give a new or empty folder (predict replaces the whole folder)"
         )
-    bundle = load_model(params, model)
+    bundle = load_model(params, model, device)
     with staged_dir(root, "predicting") as work:  # a kill leaves the previous folder whole
         dialect = params.submit.dialect or bundle.dialect  # set, else the model's
         summary = _predict_into(work, bundle, files, failures, dialect, progress)

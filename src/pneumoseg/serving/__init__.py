@@ -73,13 +73,19 @@ class Bundle:
 
 
 def build_bundle(
-    files: list[Path], postprocess: Path, params: Params, description: dict[str, Any]
+    files: list[Path],
+    postprocess: Path,
+    params: Params,
+    description: dict[str, Any],
+    device: str | None = None,
 ) -> Bundle:
-    """Load the fold models and post-processing with the settings of ``params``."""
+    """Load the fold models and post-processing with the settings of ``params`` (on
+    ``device``, default CUDA when there is one)."""
     from pneumoseg.inference import Ensemble
     from pneumoseg.postprocess import PostProcess
 
-    ensemble = Ensemble(files, tta_hflip=params.oof.tta_hflip, batch_size=params.oof.batch_size)
+    oof = params.oof
+    ensemble = Ensemble(files, oof.tta_hflip, device=device, batch_size=oof.batch_size)
     post = PostProcess.load(postprocess)
     return Bundle(
         ensemble=ensemble,
@@ -92,7 +98,9 @@ def build_bundle(
     )
 
 
-def bundle_from_artifacts(artifacts: Mapping[str, str], config: Mapping[str, Any]) -> Bundle:
+def bundle_from_artifacts(
+    artifacts: Mapping[str, str], config: Mapping[str, Any], device: str | None = None
+) -> Bundle:
     """The bundle of a logged pyfunc: ``artifacts`` name -> local path, ``config`` its
     ``model_config`` (``models``: the artifact names of the ensemble members, in order)."""
     import yaml
@@ -106,7 +114,7 @@ def bundle_from_artifacts(artifacts: Mapping[str, str], config: Mapping[str, Any
         "tta_hflip": params.oof.tta_hflip,
         "size": params.data.size,
     }
-    return build_bundle(files, Path(artifacts[POSTPROCESS_ARTIFACT]), params, description)
+    return build_bundle(files, Path(artifacts[POSTPROCESS_ARTIFACT]), params, description, device)
 
 
 SERVING_KEYS = (

@@ -23,7 +23,7 @@ from pneumoseg.files import staged_dir, write_json
 from pneumoseg.lineage import pip_freeze
 from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
-from pneumoseg.models import average_state_dicts, forward, save_model_file
+from pneumoseg.models import average_state_dicts, forward, save_model_file, save_smp_folder
 from pneumoseg.params import Params, stage_values
 from pneumoseg.plots import plot_history, save_overlay_grid
 from pneumoseg.tracking import Tracker
@@ -105,6 +105,7 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
     with staged_dir(t.out) as out:  # a kill or a full disk leaves the previous fold folder
         (out / "checkpoints").mkdir()
         save_model_file(out / "model.pt", weights, meta)
+        save_smp_folder(out / "model.pt", out / "smp")  # opens with plain smp.from_pretrained
         for c in state.topk:
             shutil.copy2(t.work / c["path"], out / "checkpoints" / c["path"])
         ckpts = [c | {"monitor": t.monitor} for c in state.topk]

@@ -509,6 +509,55 @@ def test_window_is_applied_exactly(tmp_path: Path) -> None:
     assert (image == 0).any() and (image == 255).any()  # the window clips both ends
 
 
+@pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
+def test_window_functions_follow_the_standard(tmp_path: Path, function: str) -> None:
+    """PS3.3 C.11.2.1.3: LINEAR_EXACT and SIGMOID, each output range mapped to 0..255."""
+    picture = radiograph(64, seed=12)
+    center, width = 2000.0, 1500.0
+    path = write_dicom(
+        tmp_path / "f.dcm", picture, bits=12, window=(center, width),
+        extra={"VOILUTFunction": function},
+    )  # fmt: skip
+    x = np.round(picture.astype(float) * 4095 / 255)  # the stored values
+    if function == "LINEAR_EXACT":
+        #  x <= c - w/2 -> ymin; x > c + w/2 -> ymax; else ((x - c) / w + 0.5) * (ymax - ymin)
+        inside = ((x - center) / width + 0.5) * 255
+        expected = np.where(
+            x <= center - width / 2, 0.0, np.where(x > center + width / 2, 255.0, inside)
+        )
+    else:  # y = (ymax - ymin) / (1 + exp(-4 (x - c) / w)) + ymin
+        expected = 255 / (1 + np.exp(-4 * (x - center) / width))
+    image = read_dicom(path).image
+    assert np.abs(image.astype(int) - np.round(expected).astype(int)).max() <= 1
+
+
+def test_voi_lut_sequence_on_integer_values_and_its_output_range(tmp_path: Path) -> None:
+    """PS3.3 C.11.2.1.1: the modality output (here with an intercept: float values) indexes the
+    LUT; values before the first mapped one take the first entry, after the last the last; the
+    LUT's 12-bit output range (not its smallest and largest entries) maps to 0..255."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    picture = radiograph(64, seed=13)
+    stored = np.round(picture.astype(float) * 4095 / 255).astype(np.uint16)
+    first, entries = -800, 3000  # maps modality values -800..2199
+    lut = np.round(100 + 2900 * (np.arange(entries) / (entries - 1)) ** 0.5).astype(int)
+    item = Dataset()
+    item.add_new(0x00283002, "SS", [entries, first, 12])  # LUT Descriptor (signed first value)
+    item.add_new(0x00283006, "US", lut.tolist())  # LUT Data
+    rescale = {"RescaleIntercept": "-1000", "RescaleSlope": "1"}
+    path = write_dicom(
+        tmp_path / "lut.dcm", picture, bits=16, stored=stored,
+        extra=rescale | {"VOILUTSequence": Sequence([item])},
+    )  # fmt: skip
+    modality = stored.astype(int) - 1000
+    index = np.clip(modality - first, 0, entries - 1)
+    expected = np.round(lut[index] * 255 / 4095)  # 0..4095 -> 0..255, not min-max stretched
+    image = read_dicom(path).image
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+    assert image.max() < 200  # the LUT never reaches its range's top (3000 of 4095)
+
+
 def test_8bit_monochrome1_is_inverted_exactly(tmp_path: Path) -> None:
     picture = radiograph(64, seed=10)
     path = write_dicom(tmp_path / "m1.dcm", picture, photometric="MONOCHROME1")

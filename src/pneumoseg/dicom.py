@@ -75,10 +75,16 @@ def to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
     """Map stored pixel values to uint8 with air dark.
 
     8-bit MONOCHROME2 without a VOI passes through unchanged (the SIIM case). Otherwise the
-    modality LUT is applied, then the VOI LUT or first window if the file has one (pydicom's
-    implementation of the standard, PS3.3 C.11.2, ``VOILUTFunction`` included), mapped from its
-    full output range to 0..255, else a robust 0.5-99.5 percentile stretch; MONOCHROME1 is
-    inverted last.
+    modality LUT is applied (pydicom), then, as DICOM PS3.3 C.11.2 defines them:
+
+    * a VOI LUT Sequence: indexed by the modality output as integers (values below the first
+      mapped one take the first entry, above the last the last), its ``2**n - 1`` output range
+      (n = the LUT Descriptor's bits per entry) mapped linearly to 0..255;
+    * else the first window (``VOILUTFunction`` LINEAR, LINEAR_EXACT or SIGMOID, pydicom's
+      implementation), its output range mapped linearly to 0..255;
+    * else a robust 0.5-99.5 percentile stretch.
+
+    MONOCHROME1 is inverted last.
     """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -92,13 +98,19 @@ def to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
     if bits <= 8 and arr.dtype == np.uint8 and not (has_window or has_voi_lut):
         out = arr
     else:
-        values = apply_modality_lut(arr, ds).astype(np.float64)
-        if has_voi_lut or has_window:
-            values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
-            # the VOI's output range: what it gives for inputs far below and above any window
-            ends = apply_voi_lut(np.array([-(2.0**40), 2.0**40]), ds, prefer_lut=True)
+        values = apply_modality_lut(arr, ds)
+        if has_voi_lut:  # the LUT is indexed by integers: a float modality output is floored
+            index = np.floor(values).astype(np.int64) if values.dtype.kind == "f" else values
+            values = apply_voi_lut(index, ds, prefer_lut=True).astype(np.float64)
+            lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+        elif has_window:
+            values = apply_voi_lut(values.astype(np.float64), ds, prefer_lut=False)
+            # the window's output range: what it gives far below and far above the window
+            with np.errstate(over="ignore"):  # SIGMOID's exp far from the window
+                ends = apply_voi_lut(np.array([-(2.0**40), 2.0**40]), ds, prefer_lut=False)
             lo, hi = float(np.min(ends)), float(np.max(ends))
         else:
+            values = values.astype(np.float64)
             lo, hi = np.percentile(values, [0.5, 99.5])
         scaled = np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
         out = np.round(scaled * 255.0).astype(np.uint8)

@@ -155,6 +155,25 @@ def test_train_records_everything_and_parts_hand_over(
     assert not (project / "checkpoints/fold0").exists()  # resume state cleaned up
 
 
+def test_overlays_off_keeps_radiographs_out_of_plots_and_mlflow(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    import cv2
+
+    project = clone(data_dir, tmp_path / "p")
+    set_params(project, {"train": {"overlays": False}})
+    pneumoseg("-q", "train", "--fold", "0", cwd=project)
+    notice = cv2.imread(str(project / "plots/fold0/val_overlays.png"), cv2.IMREAD_UNCHANGED)
+    assert notice.ndim == 2 and notice.shape == (60, 520)  # text on white, no radiograph
+    assert (notice == 255).mean() > 0.9
+    from mlflow.tracking import MlflowClient
+
+    (run,) = mlflow_runs(project)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    local = client.download_artifacts(run.info.run_id, "plots/val_overlays.png", str(tmp_path))
+    assert Path(local).read_bytes() == (project / "plots/fold0/val_overlays.png").read_bytes()
+
+
 # Two parts; SWA over the last two epochs of part 1 (global epochs 6 and 7).
 MID_PART = {
     "train": {

@@ -70,6 +70,17 @@ def overlay(
     return bgr
 
 
+def pixel_free_notice(path: Path, setting: str) -> Path:
+    """A white PNG that says which setting kept the radiographs out (a declared output that
+    must exist, without a pixel of patient data)."""
+    canvas = np.full((60, 520), 255, np.uint8)
+    text = f"radiograph overlays off ({setting})"
+    cv2.putText(canvas, text, (10, 38), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 0, 1, cv2.LINE_AA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), canvas)
+    return path
+
+
 def save_overlay_grid(
     cases: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], path: Path, cols: int = 4
 ) -> Path:

@@ -42,6 +42,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "train.amp",
         "train.channels_last",
         "train.val_threshold",
+        "train.overlays",
         "train.selection",
         "train.checkpoint",
         "train.swa",

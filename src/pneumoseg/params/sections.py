@@ -214,6 +214,8 @@ class TrainParams(Strict):
     amp: bool = True  # CUDA only
     channels_last: bool = True
     val_threshold: Fraction = 0.5
+    # false: no radiograph pixels in plots/ or MLflow (val_overlays.png says so instead)
+    overlays: bool = True
     selection: SelectionParams = SelectionParams()
     checkpoint: CheckpointParams = CheckpointParams()
     swa: SWAParams = SWAParams()

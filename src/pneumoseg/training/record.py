@@ -25,7 +25,7 @@ from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
 from pneumoseg.models import average_state_dicts, forward, save_model_file, save_smp_folder
 from pneumoseg.params import Params, stage_values
-from pneumoseg.plots import plot_history, save_overlay_grid
+from pneumoseg.plots import pixel_free_notice, plot_history, save_overlay_grid
 from pneumoseg.tracking import Tracker
 from pneumoseg.training.callbacks import write_history
 from pneumoseg.training.distributed import unwrap
@@ -165,7 +165,10 @@ def log_fold_record(
 
 @torch.no_grad()
 def overlays(t: FoldTrainer, model: nn.Module, metrics: SegMetrics, size: int) -> Path:
-    """Best and worst held-out cases of the final model as one PNG grid."""
+    """Best and worst held-out cases of the final model as one PNG grid; with
+    ``train.overlays: false`` a picture that only says so (no radiograph leaves the machine)."""
+    if not t.cfg.overlays:
+        return pixel_free_notice(t.plots / "val_overlays.png", "train.overlays: false")
     dice = metrics.per_image()
     order = np.argsort(dice, kind="stable")
     pick = list(dict.fromkeys([*order[:4].tolist(), *order[::-1][:4].tolist()]))

@@ -45,7 +45,7 @@ faults: setup engines
 	  pytest -m faults tests/faults
 
 lint: setup
-	ruff check src tests bench
+	ruff check src tests bench docs
 
 bench: setup
 	python bench/convert.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -364,6 +365,41 @@ def test_no_identifying_value_in_any_output(converted: Converted) -> None:
         data = path.read_bytes()
         for secret in SECRETS + list(IDENTIFYING.values()):
             assert secret.encode() not in data, f"{secret!r} found in {path.name}"
+
+
+def test_pseudonymized_ids_reach_no_output_and_map_back(
+    converted: Converted,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """data.pseudonymize_ids: every ImageId downstream (names, manifest, failures, order) is
+    the keyed pseudonym; no file stem appears in any output or log; the id map, written only
+    where asked, maps back; without a key, one line."""
+    from pneumoseg.redact import pseudonym
+
+    monkeypatch.delenv("PNEUMOSEG_ID_KEY", raising=False)
+    with pytest.raises(ValueError, match="^data.pseudonymize_ids: set PNEUMOSEG_ID_KEY"):
+        run_convert(converted.raw, tmp_path / "nokey", pseudonymize=True)
+    key = "a-site-secret-kept-elsewhere"
+    monkeypatch.setenv("PNEUMOSEG_ID_KEY", key)
+    id_map = tmp_path / "outside" / "id_map.csv"
+    with caplog.at_level(logging.INFO):
+        masked = run_convert(converted.raw, tmp_path / "p", pseudonymize=True, id_map=id_map)
+    stems = sorted(p.stem for p in converted.raw.rglob("*.dcm"))
+    expected = {pseudonym(i, key.encode()): i for i in converted.manifest}
+    assert set(masked.manifest) == set(expected)
+    for alias, original in expected.items():  # the same pixels under the pseudonym
+        same = read_png(masked.out / "images" / f"{alias}.png")
+        assert np.array_equal(same, read_png(converted.out / "images" / f"{original}.png"))
+    assert len(masked.failures) == len(converted.failures)
+    written = [p for p in masked.out.rglob("*") if p.is_file()]
+    for path in written:
+        data = path.read_bytes() + path.name.encode()
+        assert not [s for s in stems if s.encode() in data], path.name
+    assert "skipped" in caplog.text and not [s for s in stems if s in caplog.text]
+    pairs = {r["pseudonym"]: r["ImageId"] for r in read_csv(id_map)}
+    assert {k: v for k, v in pairs.items() if k in expected} == expected
 
 
 def test_clahe_changes_contrast_only(raw_tree: Path, converted: Converted) -> None:

@@ -72,6 +72,13 @@ COMMANDS: dict[str, Command] = {
             Flag("--out", "data.processed_dir", str, "output folder"),
             Flag("--size", "data.size", int, "output image side in pixels"),
             Flag("--workers", "data.workers", int, "parallel worker processes"),
+            Flag(
+                "--id-map",
+                "id_map",
+                str,
+                "with data.pseudonymize_ids: write ImageId -> "
+                "pseudonym csv here (keep it outside the repo)",
+            ),  # fmt: skip
         ],
         examples=(
             "pneumoseg convert --dicom-dir data/raw/siim --workers 8",

@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import signal
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from pneumoseg.dicom import SAFE_FIELDS, DicomReadError, prepare_image, read_dic
 from pneumoseg.files import staged_dir
 from pneumoseg.params import ClaheParams
 from pneumoseg.progress import progress_bar
+from pneumoseg.redact import id_key, pseudonym
 from pneumoseg.rle import RLEError, decode_rows, read_rle_csv
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,22 @@ class ConvertError(RuntimeError):
 class Task:
     """One DICOM to convert; ``rle_rows`` is None for test images."""
 
-    image_id: str
+    image_id: str  # the file stem, or its pseudonym (data.pseudonymize_ids)
     path: str
     rle_rows: tuple[tuple[int, str], ...] | None
     rle_source: str
     dialect: str
+    stem: str = ""  # the file stem, when image_id is a pseudonym: never written anywhere
+
+    @property
+    def name(self) -> str:
+        """How the file is named in failures.csv and logs: ``<ImageId>.dcm`` only (SIIM
+        folders are named after Study/Series UIDs, which must not leak)."""
+        return f"{self.image_id}.dcm"
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the file stem replaced by the pseudonym (error messages may hold it)."""
+        return text.replace(self.stem, self.image_id) if self.stem else text
 
 
 @dataclass(frozen=True)
@@ -103,21 +115,27 @@ def find_rle_csv(raw_dir: Path) -> Path:
     raise ConvertError(f"{raw_dir}: no {' or '.join(RLE_CSV_NAMES)} found (set data.rle_csv)")
 
 
-def report_path(path: str | Path) -> str:
-    """How a DICOM is named in failures.csv and logs: the file name (``<ImageId>.dcm``) only,
-    since SIIM folders are named after Study/Series Instance UIDs, which must not leak."""
-    return Path(path).name
+def pseudonyms(enabled: bool) -> Callable[[str], str]:
+    """ImageId -> its keyed pseudonym (:func:`pneumoseg.redact.pseudonym`), or itself."""
+    if not enabled:
+        return lambda image_id: image_id
+    key = id_key()
+    return lambda image_id: pseudonym(image_id, key)
 
 
-def find_dicoms(raw_dir: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
-    """Map ImageId (file stem) -> path for every ``*.dcm`` below ``raw_dir``; report duplicates."""
+def find_dicoms(
+    raw_dir: Path, alias: Callable[[str], str] = str
+) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Map file stem -> path for every ``*.dcm`` below ``raw_dir``; report duplicates, named
+    ``<alias(stem)>.dcm`` (folders are named after Study/Series UIDs, which must not leak)."""
     found: dict[str, Path] = {}
     failures: list[tuple[str, str]] = []
     for path in sorted(raw_dir.rglob("*.dcm")):
         if not path.is_file():
             continue
+        name = alias(path.stem)
         if path.stem in found:
-            failures.append((report_path(path), f"duplicate ImageId {path.stem} (kept another)"))
+            failures.append((f"{name}.dcm", f"duplicate ImageId {name} (kept another)"))
             continue
         found[path.stem] = path
     return found, failures
@@ -148,9 +166,9 @@ def convert_one(task: Task, settings: Settings) -> dict[str, Any]:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise  # the whole conversion stops: no file would fare better
-        return {"path": report_path(task.path), "reason": str(exc)}
+        return {"path": task.name, "reason": task.scrub(str(exc))}
     except (DicomReadError, RLEError) as exc:
-        return {"path": report_path(task.path), "reason": str(exc)}
+        return {"path": task.name, "reason": task.scrub(str(exc))}
     row: dict[str, Any] = {
         "ImageId": task.image_id,
         "split": "train" if task.rle_rows is not None else "test",
@@ -227,7 +245,7 @@ def _alone(task: Task, settings: Settings) -> dict[str, Any]:
                 "the decoder killed its worker process (a crash in native code) or took longer "
                 f"than data.file_timeout ({settings.file_timeout:g} s)"
             )
-            return {"path": report_path(task.path), "reason": reason}
+            return {"path": task.name, "reason": reason}
 
 
 def _results(tasks: list[Task], settings: Settings, workers: int) -> Iterator[dict[str, Any]]:
@@ -253,6 +271,8 @@ def convert(
     file_timeout: float = 60.0,
     sample_submission: str | Path | None = None,
     progress: bool = True,
+    pseudonymize: bool = False,
+    id_map: str | Path | None = None,
 ) -> ConvertSummary:
     """Convert a SIIM-layout DICOM tree; see the module docstring."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -268,25 +288,30 @@ def convert(
                 "declares as the input; move the file into it"
             )
     table = read_rle_csv(csv_path, dialect)
+    alias = pseudonyms(pseudonymize)
     sample = Path(sample_submission) if sample_submission else raw_dir / SAMPLE_SUBMISSION
     if sample_submission and not sample.is_file():
         raise ConvertError(f"data.sample_submission: {sample} not found")
-    dicoms, failures = find_dicoms(raw_dir)
+    dicoms, failures = find_dicoms(raw_dir, alias)
     failures = [{"path": p, "reason": r} for p, r in failures]
     for image_id, rows in table.rows.items():
         if image_id not in dicoms:
-            reason = f"no DICOM for ImageId {image_id}"
+            reason = f"no DICOM for ImageId {alias(image_id)}"
             failures.append({"path": f"{csv_path.name}:{rows[0][0]}", "reason": reason})
     tasks = [
         Task(
-            image_id=image_id,
+            image_id=alias(stem),
             path=str(path),
-            rle_rows=tuple(table.rows[image_id]) if image_id in table else None,
+            rle_rows=tuple(table.rows[stem]) if stem in table else None,
             rle_source=csv_path.name,
             dialect=table.dialect,
+            stem=stem if pseudonymize else "",
         )
-        for image_id, path in dicoms.items()
+        for stem, path in dicoms.items()
     ]
+    if id_map:  # only where the user asks (keep it outside the repo)
+        pairs = ({"ImageId": t.stem, "pseudonym": t.image_id} for t in tasks)
+        write_csv(id_map, ["ImageId", "pseudonym"], pairs)
     # everything is written into a fresh folder beside out_dir, which replaces it at the end:
     # a kill or a full disk leaves the previous output as it was
     rows: list[dict[str, Any]] = []
@@ -305,7 +330,7 @@ def convert(
         write_csv(work / FAILURES, FAILURE_FIELDS, failures)
         write_dataset_info(work, csv_path.name, table.dialect)
         if sample.is_file():  # the order `submit` writes its rows in
-            write_test_order(work, read_sample_ids(sample))
+            write_test_order(work, [alias(i) for i in read_sample_ids(sample)])
     manifest, failures_csv = out_dir / MANIFEST, out_dir / FAILURES
     for failure in failures:
         log.warning("convert: skipped %s: %s", failure["path"], failure["reason"])

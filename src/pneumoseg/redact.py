@@ -1,5 +1,6 @@
 """The one redactor: no password from a URL reaches an output file, a log line, an error
-message or an MLflow param, tag or artifact.
+message or an MLflow param, tag or artifact; and the keyed pseudonyms of ImageIds
+(``data.pseudonymize_ids``, key in ``$PNEUMOSEG_ID_KEY``, never in the repo).
 
 ``postgresql://user:secret@host/db`` becomes ``postgresql://user:***@host/db``, and a password
 given as a query parameter (``?password=secret``) becomes ``?password=***``. :func:`redact`
@@ -46,3 +47,28 @@ class RedactingFilter(logging.Filter):
                 k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()
             }
         return True
+
+
+ID_KEY_ENV = "PNEUMOSEG_ID_KEY"
+
+
+def id_key() -> bytes:
+    """The pseudonym key from ``$PNEUMOSEG_ID_KEY`` (one line naming the way out if unset)."""
+    import os
+
+    key = os.environ.get(ID_KEY_ENV, "")
+    if len(key) < 16:
+        raise ValueError(
+            f"data.pseudonymize_ids: set {ID_KEY_ENV} to a secret of 16+ characters kept outside "
+            "the repo (the same key gives the same pseudonyms)"
+        )
+    return key.encode()
+
+
+def pseudonym(image_id: str, key: bytes) -> str:
+    """``p`` + 24 hex digits of HMAC-SHA256(key, ImageId): stable for one key, not reversible
+    without it (``pneumoseg convert --id-map FILE`` writes the table back)."""
+    import hashlib
+    import hmac
+
+    return "p" + hmac.new(key, image_id.encode(), hashlib.sha256).hexdigest()[:24]

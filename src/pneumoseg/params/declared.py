@@ -30,6 +30,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "data.sample_submission",
         "data.max_failed_fraction",
         "data.file_timeout",
+        "data.pseudonymize_ids",
     ),
     "split": ("split.n_folds", "split.seed"),
     "train": (

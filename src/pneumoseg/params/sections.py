@@ -50,6 +50,8 @@ class DataParams(Strict):
     workers: int = Field(2, ge=1)
     file_timeout: float = Field(60, gt=0)  # seconds per DICOM; longer is a failure row
     max_failed_fraction: Fraction = 0.05
+    # true: every ImageId downstream is a keyed pseudonym (key: $PNEUMOSEG_ID_KEY)
+    pseudonymize_ids: bool = False
 
 
 class SplitParams(Strict):

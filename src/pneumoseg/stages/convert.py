@@ -8,8 +8,9 @@ from pneumoseg.conversion import ConvertError, ConvertSummary, convert
 from pneumoseg.params import Params
 
 
-def run(params: Params, progress: bool = True) -> ConvertSummary:
-    """CLI/DVC entry: convert with ``params.data``; raise if too many files failed."""
+def run(params: Params, progress: bool = True, id_map: str | None = None) -> ConvertSummary:
+    """CLI/DVC entry: convert with ``params.data``; raise if too many files failed.
+    ``id_map``: with ``data.pseudonymize_ids``, write the ImageId -> pseudonym table there."""
     data = params.data
     summary = convert(
         raw_dir=data.raw_dir,
@@ -22,6 +23,8 @@ def run(params: Params, progress: bool = True) -> ConvertSummary:
         clahe=data.clahe,
         sample_submission=data.sample_submission,
         progress=progress,
+        pseudonymize=data.pseudonymize_ids,
+        id_map=id_map if data.pseudonymize_ids else None,
     )
     print(summary.line())
     if summary.failed_fraction > data.max_failed_fraction:

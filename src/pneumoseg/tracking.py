@@ -50,8 +50,8 @@ def artifact_location(cfg: MlflowParams, uri: str) -> str | None:
     return location if has_scheme(location) else in_repo(location).resolve().as_uri()
 
 
-# The MLflow 3 UI opens an experiment in the view its kind names; without the tag it may guess
-# the GenAI view (traces, token usage) for a segmentation project.
+# The experiment's kind for MLflow 3's UI (model training, not GenAI). In 3.17 the UI's view
+# switch is still a per-browser setting that starts on GenAI (README "Tracking with MLflow").
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 

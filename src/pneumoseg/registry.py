@@ -117,6 +117,17 @@ def get_version(client: MlflowClient, name: str, ref: str | None) -> ModelVersio
         raise RegistryError(f"model {name!r} has no {what}") from None
 
 
+def is_model_uri(model: str) -> bool:
+    """Whether ``--model`` names an MLflow URI (``models:/``, ``runs:/``, any ``scheme://``)
+    rather than a local folder."""
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
+def default_model(params: Params) -> str:
+    """What ``predict`` and ``serve`` use without ``--model``: the champion."""
+    return f"models:/{params.mlflow.registered_model}@{CHAMPION}"
+
+
 def download_model(params: Params, model: str, dst: Path) -> tuple[Path, dict[str, Any]]:
     """Download an MLflow model URI into ``dst``; ``models:/name@alias`` is pinned to its
     version first. Returns (local folder, what was resolved: model, name, version, run_id)."""

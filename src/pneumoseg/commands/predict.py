@@ -44,10 +44,6 @@ class PredictError(RuntimeError):
     """A model or input problem that stops ``predict``; one line for the user."""
 
 
-def _is_uri(model: str) -> bool:
-    return "://" in model or model.startswith(("models:/", "runs:/"))
-
-
 def _mlflow_folder(folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
     """(artifact name -> absolute path, model_config) of an unpacked pneumoseg pyfunc."""
     import yaml
@@ -68,12 +64,12 @@ def load_model(params: Params, model: str | None, device: str | None = None) -> 
     ``device`` (``--device``; default CUDA when there is one)."""
     from pneumoseg.inference import ensemble_members
     from pneumoseg.models import ModelError
-    from pneumoseg.registry import download_model
+    from pneumoseg.registry import default_model, download_model, is_model_uri
     from pneumoseg.serving import build_bundle, bundle_from_artifacts
 
-    model = model or f"models:/{params.mlflow.registered_model}@champion"
+    model = model or default_model(params)
     try:
-        if _is_uri(model):
+        if is_model_uri(model):
             with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as tmp:
                 folder, info = download_model(params, model, Path(tmp))
                 bundle = bundle_from_artifacts(*_mlflow_folder(folder), device)

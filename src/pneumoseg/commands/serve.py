@@ -89,13 +89,13 @@ def run(
     import uvicorn
     from mlflow.pyfunc import load_model, scoring_server
 
-    from pneumoseg.registry import download_model
+    from pneumoseg.registry import default_model, download_model, is_model_uri
 
-    model = model or f"models:/{params.mlflow.registered_model}@champion"
+    model = model or default_model(params)
     host, port = host or "127.0.0.1", port or 5000
     limit = int(params.serving.max_body_mb * 1e6)
     with tempfile.TemporaryDirectory(prefix="pneumoseg-serve-") as tmp:
-        if "://" in model or model.startswith(("models:/", "runs:/")):
+        if is_model_uri(model):
             folder, info = download_model(params, model, Path(tmp))
         else:
             folder, info = Path(model), {"model": model}

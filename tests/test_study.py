@@ -405,7 +405,10 @@ def test_changed_space_needs_a_new_study_name(studied: Path, tmp_path: Path) -> 
     assert proc.returncode == 1
     assert "study tiny: the stored study was run with another space" in proc.stderr
     proc = pneumoseg("study", "show", "nope", cwd=project, check=False)
-    assert "studies.nope: no such study (defined: loss-and-sampling, slow, tiny)" in proc.stderr
+    assert (
+        "studies.nope: no such study (defined: freebies, loss-and-sampling, slow, tiny)"
+        in proc.stderr
+    )
 
 
 def test_logged_params_have_mlflow_safe_keys() -> None:

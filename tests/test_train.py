@@ -174,6 +174,57 @@ def test_overlays_off_keeps_radiographs_out_of_plots_and_mlflow(
     assert Path(local).read_bytes() == (project / "plots/fold0/val_overlays.png").read_bytes()
 
 
+TRICKS = {
+    "train": {
+        "model": {"decoder_attention": "scse", "norm": "frozen_batch", "freeze_bn_from_part": 1},
+        "grad_checkpointing": True,
+        "ema": {"decay": 0.9},
+        "checkpoint": {"final": "ema", "top_k": 2},
+        "parts": [
+            FOUR_EPOCHS["train"]["parts"][0],
+            FOUR_EPOCHS["train"]["parts"][1]
+            | {
+                "optimizer": {"name": "sgd", "momentum": 0.9},
+                "loss": {"bce": 1, "jaccard": 1, "label_smoothing": 0.05},
+            },
+        ],
+    }
+}
+
+
+def test_tricks_train_together_and_do_what_they_claim(data_dir: Path, tmp_path: Path) -> None:
+    """scSE, BatchNorm statistics frozen from part 1, gradient checkpointing, an SGD part after
+    an Adam part, Jaccard + smoothed bce, and the EMA as the final weights."""
+    project = clone(data_dir, tmp_path / "tricks")
+    set_params(project, TRICKS)
+    pneumoseg("-q", "train", "--fold", "0", cwd=project)
+    folder = project / "models/folds/fold0"
+    result = json.loads((project / "metrics/fold0.json").read_text())
+    assert result["final_weights"] == "ema"
+    handed_over = state_dict(folder / "checkpoints/part0-epoch002.pt")
+    part1 = [state_dict(folder / f"checkpoints/part1-epoch00{e}.pt") for e in (3, 4)]
+    stats = [k for k in handed_over if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(s[k], handed_over[k]) for s in part1 for k in stats)
+    weights = [
+        k for k in handed_over if k.endswith("weight") and handed_over[k].is_floating_point()
+    ]
+    assert any(not torch.equal(part1[-1][k], handed_over[k]) for k in weights)  # it trained
+    final = state_dict(folder / "model.pt")
+    assert any(not torch.equal(final[k], part1[-1][k]) for k in weights)  # the EMA, not the last
+    from pneumoseg.models import load_model_file
+
+    model, meta = load_model_file(folder / "model.pt")
+    assert meta["decoder_attention"] == "scse" and meta["norm"] == "frozen_batch"
+    assert any(type(m).__name__ == "SCSEModule" for m in model.modules())
+    (run,) = mlflow_runs(project)
+    logged = run.data.params
+    assert logged["train.model.decoder_attention"] == "scse"
+    assert logged["train.parts.1.optimizer.name"] == "sgd"
+    assert logged["train.parts.1.loss.label_smoothing"] == "0.05"
+    assert logged["train.ema.decay"] == "0.9" and logged["train.grad_checkpointing"] == "True"
+    assert "train_jaccard" in (project / "plots/fold0/history.csv").read_text()
+
+
 # Two parts; SWA over the last two epochs of part 1 (global epochs 6 and 7).
 MID_PART = {
     "train": {

@@ -9,6 +9,12 @@ Notes on the smp 0.6 components (all for 1-channel logits ``(B, 1, H, W)``):
 - ``focal``: :class:`smp.losses.FocalLoss` with ``gamma=2`` and no alpha weighting, the mean
   over all pixels of ``(1 - p_t)**2 * bce``.
 - ``lovasz``: :class:`smp.losses.LovaszLoss` (Lovasz hinge on the logits), per image, averaged.
+- ``jaccard``: :class:`smp.losses.JaccardLoss` in binary mode, ``1 - sum(p*y) / (sum p + sum y
+  - sum(p*y))`` over the whole batch (0 for a batch without positive pixels, like dice).
+- ``focal_reduced_threshold``: smp's reduced focal loss (pixels with ``p_t`` above the threshold
+  are down-weighted by ``((1 - p_t) / threshold) ** gamma``; the others keep weight 1).
+- ``label_smoothing`` ``s``: the bce targets become ``s`` and ``1 - s`` (smp's
+  ``smooth_factor``); the other terms keep the 0/1 mask.
 - ``cls``: BCE-with-logits of the classification head ``(B, 1)`` against ``mask non-empty``.
 """
 
@@ -21,18 +27,22 @@ from torch import Tensor, nn
 
 from pneumoseg.params import LossParams
 
-SEG_COMPONENTS = ("bce", "dice", "focal", "lovasz")
+SEG_COMPONENTS = ("bce", "dice", "focal", "lovasz", "jaccard")
 
 
-def _make_component(name: str) -> nn.Module:
+def _make_component(name: str, cfg: LossParams) -> nn.Module:
     if name == "bce":
-        return smp.losses.SoftBCEWithLogitsLoss()
+        return smp.losses.SoftBCEWithLogitsLoss(smooth_factor=cfg.label_smoothing or None)
     if name == "dice":
         return smp.losses.DiceLoss(mode="binary", from_logits=True)
     if name == "focal":
-        return smp.losses.FocalLoss(mode="binary", gamma=2.0)
+        return smp.losses.FocalLoss(
+            mode="binary", gamma=2.0, reduced_threshold=cfg.focal_reduced_threshold
+        )
     if name == "lovasz":
         return smp.losses.LovaszLoss(mode="binary", per_image=True)
+    if name == "jaccard":
+        return smp.losses.JaccardLoss(mode="binary", from_logits=True)
     raise ValueError(f"unknown loss component {name!r}")
 
 
@@ -47,7 +57,11 @@ class ComboLoss(nn.Module):
             if getattr(weights, name) > 0
         }
         self.components = nn.ModuleDict(
-            {name: _make_component(name) for name in SEG_COMPONENTS if name in self.weights}
+            {
+                name: _make_component(name, weights)
+                for name in SEG_COMPONENTS
+                if name in self.weights
+            }
         )
 
     @property

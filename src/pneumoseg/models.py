@@ -9,6 +9,7 @@ MLflow run id).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from pneumoseg.files import atomic_file
+from pneumoseg.layers import to_group_norm, widen_narrow_scse
 from pneumoseg.params import ModelParams
 
 MODEL_FORMAT = "pneumoseg-model/1"
@@ -64,15 +66,19 @@ def build_model(cfg: ModelParams) -> nn.Module:
         kwargs["aux_params"] = {"classes": 1, "dropout": 0.2}
     if cfg.decoder_channels:
         kwargs["decoder_channels"] = tuple(cfg.decoder_channels)
+    if cfg.decoder_attention:
+        kwargs["decoder_attention_type"] = cfg.decoder_attention
     try:
-        model = smp.create_model(
-            cfg.arch,
-            encoder_name=cfg.encoder,
-            encoder_weights=None if local else weights,
-            in_channels=cfg.in_channels,
-            classes=1,
-            **kwargs,
-        )
+        with warnings.catch_warnings():  # smp's empty scSE squeeze, replaced below
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            model = smp.create_model(
+                cfg.arch,
+                encoder_name=cfg.encoder,
+                encoder_weights=None if local else weights,
+                in_channels=cfg.in_channels,
+                classes=1,
+                **kwargs,
+            )
     except Exception as exc:
         hint = ""
         if weights in HUB_WEIGHTS and os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -83,7 +89,18 @@ def build_model(cfg: ModelParams) -> nn.Module:
         ) from None
     if local is not None:
         _load_local_encoder(model, local)
+    if cfg.decoder_attention:
+        widen_narrow_scse(model)
+    if cfg.norm == "group":  # after loading: BatchNorm's affine weights are not GroupNorm's
+        to_group_norm(model)
     return model
+
+
+def plain_smp_rebuilds(cfg: ModelParams) -> bool:
+    """Whether ``smp.from_pretrained`` alone rebuilds this network: not with GroupNorm, nor
+    with scSE on decoder blocks narrower than 16 channels (see ``widen_narrow_scse``)."""
+    narrow = min(cfg.decoder_channels or [16]) < 16
+    return cfg.norm != "group" and not (cfg.decoder_attention and narrow)
 
 
 def forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -116,6 +133,8 @@ def load_model_file(
         in_channels=meta["in_channels"],
         decoder_channels=meta.get("decoder_channels"),
         classification_head=meta.get("classification_head", False),
+        decoder_attention=meta.get("decoder_attention"),
+        norm="group" if meta.get("norm") == "group" else "batch",  # the others share weights
     )
     model = build_model(cfg)
     model.load_state_dict(blob["state_dict"])

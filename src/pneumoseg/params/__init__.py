@@ -31,30 +31,34 @@ from pneumoseg.params.errors import ParamsError, format_validation_error
 from pneumoseg.params.keys import MISSING, flatten, get_path, nest, set_path
 from pneumoseg.params.schema import Params, check_study
 from pneumoseg.params.sections import (
-    AugmentParams,
-    CheckpointParams,
     ClaheParams,
     DataParams,
     DemoParams,
     EvaluateParams,
-    LossParams,
     MlflowParams,
-    ModelParams,
     OofParams,
-    OptimizerParams,
-    PartParams,
     RegistryParams,
+    SplitParams,
+    SubmitParams,
+    ThresholdSpace,
+    ThresholdsParams,
+)
+from pneumoseg.params.study import AppliedStudy, Distribution, ProvenanceParams, StudyParams
+from pneumoseg.params.train import (
+    AugmentParams,
+    CheckpointParams,
+    EMAParams,
+    LossParams,
+    ModelParams,
+    OptimizerParams,
+    PartOptimizerParams,
+    PartParams,
     SampleRateParams,
     SchedulerParams,
     SelectionParams,
-    SplitParams,
-    SubmitParams,
     SWAParams,
-    ThresholdSpace,
-    ThresholdsParams,
     TrainParams,
 )
-from pneumoseg.params.study import AppliedStudy, Distribution, ProvenanceParams, StudyParams
 
 __all__ = [
     "EXEMPT_KEYS",
@@ -66,6 +70,7 @@ __all__ = [
     "ClaheParams",
     "DataParams",
     "DemoParams",
+    "EMAParams",
     "Distribution",
     "EvaluateParams",
     "LossParams",
@@ -75,6 +80,7 @@ __all__ = [
     "OptimizerParams",
     "Params",
     "ParamsError",
+    "PartOptimizerParams",
     "PartParams",
     "ProvenanceParams",
     "RegistryParams",

@@ -47,6 +47,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "train.selection",
         "train.checkpoint",
         "train.swa",
+        "train.ema",
+        "train.grad_checkpointing",
         "train.augment",
         "train.parts",
     ),

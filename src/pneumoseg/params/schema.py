@@ -23,9 +23,9 @@ from pneumoseg.params.sections import (
     Strict,
     SubmitParams,
     ThresholdsParams,
-    TrainParams,
 )
 from pneumoseg.params.study import STUDY_NAME, ProvenanceParams, StudyParams, shipped_studies
+from pneumoseg.params.train import TrainParams
 
 
 class Params(Strict):
@@ -66,11 +66,13 @@ def check_study(params: Params, name: str, study: StudyParams) -> None:
         raise ValueError(f"{where}.folds: {bad} must be < split.n_folds={params.split.n_folds}")
     base = params.model_dump(mode="json", exclude={"studies"}) | {"studies": {}}
     base["train"]["parts"] = base["train"]["parts"][: study.parts]
-    for path, value in study.budget.items():
-        _check_value(base, f"{where}.budget.{path}", path, value)
     budgeted = json.loads(json.dumps(base))
     for path, value in study.budget.items():
+        if get_path(base, path) is MISSING:
+            raise ValueError(f"{where}.budget.{path}: not a params key")
         set_path(budgeted, path, value)
+    for path, value in study.budget.items():  # each value with the rest of the budget
+        _check_value(budgeted, f"{where}.budget.{path}", path, value)
     for path, dist in study.space.items():
         if not path.startswith("train."):
             raise ValueError(f"{where}.space.{path}: only train.* params can be searched")

@@ -94,8 +94,8 @@ class ProvenanceParams(Strict):
 
 
 def shipped_studies() -> dict[str, StudyParams]:
-    """The study of the shipped params.yaml: combo-loss weights and the sample-rate schedule of
-    part 0, on a reduced 12-epoch first part, scored on fold 0."""
+    """The studies of the shipped params.yaml: combo-loss weights and the sample-rate schedule
+    of part 0, on a reduced 12-epoch first part, scored on fold 0; and the freebies."""
     bounds = {
         "train.parts[0].loss.bce": (0.5, 4),
         "train.parts[0].loss.dice": (0.5, 4),
@@ -113,4 +113,24 @@ def shipped_studies() -> dict[str, StudyParams]:
         budget={"train.parts[0].epochs": 12},
         metric="val_kaggle_dice_area",
     )
-    return {"loss-and-sampling": study}
+    return {"loss-and-sampling": study, "freebies": freebies_study()}
+
+
+def freebies_study() -> StudyParams:
+    """The tricks of README "Tricks" on a 6-epoch first part, scored on fold 0: decoder
+    attention, normalisation, the Jaccard term, label smoothing and the final weights."""
+    categorical = {
+        "train.model.decoder_attention": [None, "scse"],
+        "train.model.norm": ["batch", "group"],
+        "train.checkpoint.final": ["swa", "ema"],
+    }
+    space = {k: Distribution(type="categorical", choices=v) for k, v in categorical.items()}
+    space["train.parts[0].loss.jaccard"] = Distribution(type="float", low=0, high=2)
+    space["train.parts[0].loss.label_smoothing"] = Distribution(type="float", low=0, high=0.1)
+    return StudyParams(
+        space=space,
+        parts=1,
+        budget={"train.parts[0].epochs": 6, "train.swa.epochs": 2, "train.ema.decay": 0.98},
+        metric="val_kaggle_dice_area",
+        trials=8,
+    )

@@ -89,7 +89,9 @@ class SaveState(Callback):
     """Write ``last.pt`` (see :mod:`pneumoseg.training.state`)."""
 
     def on_epoch_end(self, t: FoldTrainer, part: Part, e: int, row: dict[str, Any]) -> None:
-        t.store.save(t.state, part.torch_state(t.model, t.scaler))
+        torch_state = part.torch_state(t.model, t.scaler)
+        torch_state["ema"] = t.ema.state_dict() if t.ema is not None else None
+        t.store.save(t.state, torch_state)
 
 
 class TrackEpochs(Callback):

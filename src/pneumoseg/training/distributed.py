@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pneumoseg.layers import to_sync_batch_norm
+
 
 @dataclass
 class Dist:
@@ -62,11 +64,20 @@ class Dist:
         for buf in model.buffers():
             tdist.broadcast(buf, 0)
 
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The model DistributedDataParallel trains (the model itself on one process)."""
+    def wrap(self, model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+        """The model DistributedDataParallel trains (the model itself on one process); with
+        ``sync_bn`` its BatchNorm layers become SyncBatchNorm first (CUDA only, as in torch)."""
         if self.world_size <= 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
+
+        if sync_bn:
+            if device.type != "cuda":
+                raise ValueError(
+                    "params.yaml: train.model.sync_bn: torch's SyncBatchNorm runs on CUDA ranks "
+                    "only; set it false for CPU ranks"
+                )
+            model = to_sync_batch_norm(model)
 
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)

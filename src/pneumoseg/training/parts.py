@@ -12,13 +12,28 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pneumoseg.losses import ComboLoss
-from pneumoseg.params import PartParams, TrainParams
+from pneumoseg.params import OptimizerParams, PartParams, TrainParams
 from pneumoseg.sampling import SampleRateSampler
 
 
-def make_optimizer(cfg: TrainParams, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def part_optimizer(cfg: TrainParams, part: PartParams) -> OptimizerParams:
+    """The optimizer settings of ``part``: its own keys, the unset ones from ``train.optimizer``
+    (momentum is read only for SGD)."""
+    own, base = part.optimizer, cfg.optimizer
+    name = own.name or base.name
+    return OptimizerParams(
+        name=name,
+        weight_decay=base.weight_decay if own.weight_decay is None else own.weight_decay,
+        momentum=(base.momentum if own.momentum is None else own.momentum)
+        if name == "sgd"
+        else OptimizerParams().momentum,
+    )
+
+
+def make_optimizer(cfg: TrainParams, model: nn.Module, part: PartParams) -> torch.optim.Optimizer:
+    """The optimizer of ``part`` over the trainable parameters, at the part's ``lr``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = cfg.optimizer
+    opt, lr = part_optimizer(cfg, part), part.lr
     if opt.name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=opt.weight_decay)
     if opt.name == "adamw":
@@ -26,6 +41,15 @@ def make_optimizer(cfg: TrainParams, model: nn.Module, lr: float) -> torch.optim
     return torch.optim.SGD(
         params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=True
     )
+
+
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """``train.ema``: an exponential moving average of ``model``'s weights and BatchNorm
+    buffers (None when ``decay`` is 0); call ``update_parameters(model)`` after each step."""
+    if decay == 0:
+        return None
+    swa = torch.optim.swa_utils
+    return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, part: PartParams, mode: str) -> Any:

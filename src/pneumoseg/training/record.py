@@ -23,7 +23,13 @@ from pneumoseg.files import staged_dir, write_json
 from pneumoseg.lineage import pip_freeze
 from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
-from pneumoseg.models import average_state_dicts, forward, save_model_file, save_smp_folder
+from pneumoseg.models import (
+    average_state_dicts,
+    forward,
+    plain_smp_rebuilds,
+    save_model_file,
+    save_smp_folder,
+)
 from pneumoseg.params import Params, stage_values
 from pneumoseg.plots import pixel_free_notice, plot_history, save_overlay_grid
 from pneumoseg.tracking import Tracker
@@ -39,12 +45,19 @@ log = logging.getLogger("pneumoseg.training")
 
 def final_weights(t: FoldTrainer, swa_model: Any) -> dict[str, torch.Tensor]:
     """``train.checkpoint.final`` of the last part: its best or top-k average checkpoint, the
-    last epoch's weights, or the SWA average (BatchNorm statistics recomputed)."""
+    last epoch's weights, the SWA average (BatchNorm statistics recomputed, or the frozen ones
+    kept) or the EMA of the weights."""
     kind, size = t.cfg.checkpoint.final, t.cfg.parts[-1].size
     if kind == "swa" and swa_model is not None:
-        loader = t.eval_loader(t.train_ids, size)
-        torch.optim.swa_utils.update_bn(loader, swa_model, t.device)
+        if t.bn_frozen(len(t.cfg.parts) - 1):
+            for averaged, live in zip(swa_model.module.buffers(), t.model.buffers(), strict=True):
+                averaged.copy_(live)
+        else:
+            loader = t.eval_loader(t.train_ids, size)
+            torch.optim.swa_utils.update_bn(loader, swa_model, t.device)
         return swa_model.module.state_dict()
+    if kind == "ema" and t.ema is not None:
+        return {k: v.detach().clone() for k, v in t.ema.module.state_dict().items()}
     if kind == "last":
         return {k: v.detach().clone() for k, v in unwrap(t.model).state_dict().items()}
     best = t.best_of_part(len(t.cfg.parts) - 1)
@@ -105,7 +118,8 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
     with staged_dir(t.out) as out:  # a kill or a full disk leaves the previous fold folder
         (out / "checkpoints").mkdir()
         save_model_file(out / "model.pt", weights, meta)
-        save_smp_folder(out / "model.pt", out / "smp")  # opens with plain smp.from_pretrained
+        if plain_smp_rebuilds(cfg.model):  # (README "Tricks": when it cannot)
+            save_smp_folder(out / "model.pt", out / "smp")  # opens with smp.from_pretrained
         for c in state.topk:
             shutil.copy2(t.work / c["path"], out / "checkpoints" / c["path"])
         ckpts = [c | {"monitor": t.monitor} for c in state.topk]

@@ -25,6 +25,7 @@ from pneumoseg.artifacts import read_folds
 from pneumoseg.augment import build_train_transform
 from pneumoseg.data import SegDataset
 from pneumoseg.folds import FoldImages
+from pneumoseg.layers import enable_grad_checkpointing, freeze_batch_norm_stats
 from pneumoseg.lineage import data_hash, dataset_inputs
 from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
@@ -35,7 +36,7 @@ from pneumoseg.sampling import SampleRateSampler, sample_rate_at
 from pneumoseg.tracking import Tracker
 from pneumoseg.training.callbacks import Callback, default_callbacks
 from pneumoseg.training.distributed import Dist
-from pneumoseg.training.parts import Part, make_optimizer, make_scheduler
+from pneumoseg.training.parts import Part, make_ema, make_optimizer, make_scheduler
 from pneumoseg.training.record import finish
 from pneumoseg.training.state import (
     ResumeStore,
@@ -115,6 +116,7 @@ class FoldTrainer:
         self.callbacks: list[Callback] = default_callbacks(on_epoch)
         self.state = RunState(self.store.run_key)
         self.model: nn.Module = nn.Identity()  # the network, once run() built it
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None  # train.ema
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
 
     # --------------------------------------------------------------------------- the loop
@@ -140,7 +142,11 @@ class FoldTrainer:
         model = build_model(self.cfg.model).to(self.device, memory_format=self.memory_format)
         if resumed:
             model.load_state_dict(tstate["model"])
-        self.model = model
+        if self.cfg.grad_checkpointing:
+            enable_grad_checkpointing(model)
+        self.model, self.ema = model, make_ema(model, self.cfg.ema.decay)
+        if resumed and self.ema is not None and tstate.get("ema") is not None:
+            self.ema.load_state_dict(tstate["ema"])
         tags = {"stage": "train", "fold": str(self.fold), "params_hash": self.params_hash}
         tags["data_hash"] = self.data_hash
         if self.parent_run_id:
@@ -174,7 +180,7 @@ class FoldTrainer:
         """The parts left to train, each ready to run (a resumed part with its optimizer,
         schedules and SWA restored; a new part from the previous part's chosen weights)."""
         cfg, state = self.cfg, self.state
-        self.ddp_model = self.dist.wrap(self.model, self.device)
+        self.ddp_model = self.dist.wrap(self.model, self.device, cfg.model.sync_bn)
         first_epoch = 1
         for index, part_cfg in enumerate(cfg.parts):
             if index < state.part:
@@ -197,7 +203,7 @@ class FoldTrainer:
             self.positive, cfg.seed + 1000 * self.fold, self.dist.rank, self.dist.world_size
         )
         train_loader, val_loader = self.loaders(part_cfg.size, sampler)
-        optimizer = make_optimizer(cfg, self.model, part_cfg.lr)
+        optimizer = make_optimizer(cfg, self.model, part_cfg)
         part = Part(
             index=index,
             cfg=part_cfg,
@@ -296,6 +302,8 @@ class FoldTrainer:
     def train_epoch(self, part: Part, desc: str) -> dict[str, float]:
         model, optimizer, scaler = self.ddp_model, part.optimizer, self.scaler
         model.train()
+        if self.bn_frozen(part.index):
+            freeze_batch_norm_stats(model)
         sums: dict[str, float] = {}
         n = 0
         steps = self.cfg.accumulate_steps
@@ -316,6 +324,8 @@ class FoldTrainer:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
             b = x.shape[0]
             n += b
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * b
@@ -346,6 +356,11 @@ class FoldTrainer:
                 sums[k] = sums.get(k, 0.0) + float(v) * b
         return {k: v / max(n, 1) for k, v in sums.items()}, metrics
 
+    def bn_frozen(self, part: int) -> bool:
+        """Whether part ``part`` trains with frozen BatchNorm statistics."""
+        m = self.cfg.model
+        return m.norm == "frozen_batch" and part >= m.freeze_bn_from_part
+
     # ------------------------------------------------------------------- checkpoints
     def better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b
@@ -363,6 +378,8 @@ class FoldTrainer:
             "in_channels": m.in_channels,
             "decoder_channels": m.decoder_channels,
             "classification_head": m.classification_head,
+            "decoder_attention": m.decoder_attention,
+            "norm": m.norm,
             "size": size,
             "fold": self.fold,
             "params_hash": self.params_hash,

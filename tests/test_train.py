@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -186,15 +187,18 @@ TRICKS = {
             | {
                 "optimizer": {"name": "sgd", "momentum": 0.9},
                 "loss": {"bce": 1, "jaccard": 1, "label_smoothing": 0.05},
+                "scheduler": {"name": "cosine_restarts", "restart_epochs": 1, "warmup_epochs": 0},
             },
         ],
+        "snapshots": True,
     }
 }
 
 
 def test_tricks_train_together_and_do_what_they_claim(data_dir: Path, tmp_path: Path) -> None:
     """scSE, BatchNorm statistics frozen from part 1, gradient checkpointing, an SGD part after
-    an Adam part, Jaccard + smoothed bce, and the EMA as the final weights."""
+    an Adam part with two one-epoch restart cycles (two snapshots), Jaccard + smoothed bce, and
+    the EMA as the final weights."""
     project = clone(data_dir, tmp_path / "tricks")
     set_params(project, TRICKS)
     pneumoseg("-q", "train", "--fold", "0", cwd=project)
@@ -223,6 +227,16 @@ def test_tricks_train_together_and_do_what_they_claim(data_dir: Path, tmp_path: 
     assert logged["train.parts.1.loss.label_smoothing"] == "0.05"
     assert logged["train.ema.decay"] == "0.9" and logged["train.grad_checkpointing"] == "True"
     assert "train_jaccard" in (project / "plots/fold0/history.csv").read_text()
+    # one snapshot per restart cycle, distinct weights, usable as an ensemble
+    from pneumoseg.inference import Ensemble, fold_model_files
+
+    files = fold_model_files(project / "models/folds", 0, "snapshots")
+    assert [f.name for f in files] == ["snapshot-part1-cycle0.pt", "snapshot-part1-cycle1.pt"]
+    first, second = (state_dict(f) for f in files)
+    assert any(not torch.equal(first[k], second[k]) for k in weights)
+    assert all(torch.equal(second[k], part1[-1][k]) for k in second)  # cycle 1 ends the part
+    probs, _ = Ensemble(files, tta_hflip=False).predict([np.zeros((64, 64), np.uint8)])
+    assert probs.shape == (1, 96, 96)
 
 
 # Two parts; SWA over the last two epochs of part 1 (global epochs 6 and 7).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -139,6 +140,21 @@ def test_a_part_hands_over_from_adam_to_sgd_and_inherits_the_rest() -> None:
     assert part_optimizer(cfg, cfg.parts[2]).momentum == 0.8  # the train-level momentum
 
 
+def test_snapshot_cycles_follow_the_restart_schedule() -> None:
+    from pneumoseg.params import PartParams, SchedulerParams
+    from pneumoseg.training.parts import cycle_ends
+
+    def ends(epochs: int, t0: int, mult: int, warm: int) -> list[int]:
+        sched = SchedulerParams(
+            name="cosine_restarts", restart_epochs=t0, restart_mult=mult, warmup_epochs=warm
+        )
+        return cycle_ends(PartParams(epochs=epochs, scheduler=sched))
+
+    assert ends(7, 2, 1, 1) == [2, 4, 6]  # warm-up epoch 0, then cycles 1-2, 3-4, 5-6
+    assert ends(10, 2, 2, 0) == [1, 5]  # cycles of 2 and 4 epochs; the last 4 are incomplete
+    assert cycle_ends(PartParams()) == []  # cosine: no restarts
+
+
 def test_ema_is_the_exponential_average_of_the_steps() -> None:
     net = nn.Linear(1, 1, bias=False)
     ema = make_ema(net, 0.9)
@@ -195,3 +211,25 @@ def test_the_freebies_study_searches_tricks_the_schema_accepts() -> None:
     study = Params().studies["freebies"]
     assert {"train.model.decoder_attention", "train.model.norm"} <= set(study.space)
     assert any(key.endswith("loss.label_smoothing") for key in study.space)
+
+
+def test_tta_views_average_and_a_neutral_view_changes_nothing(tmp_path: Path) -> None:
+    from pneumoseg.inference import Ensemble
+
+    meta = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_100", "in_channels": 1}
+    meta |= {"decoder_channels": TINY["decoder_channels"], "size": 64}
+    save_model_file(tmp_path / "m.pt", model().state_dict(), meta)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64), dtype=np.uint8) for _ in range(3)]
+
+    def probs(**tta: list[float]) -> np.ndarray:
+        ensemble = Ensemble([tmp_path / "m.pt"], tta_hflip=True, **tta)  # type: ignore[arg-type]
+        return ensemble.predict(images)[0]
+
+    plain = probs()
+    neutral = probs(tta_scales=[1.0], tta_gammas=[1.0])  # the plain view three times
+    np.testing.assert_allclose(neutral, plain, atol=1e-6)
+    for tta in ({"tta_scales": [1.5]}, {"tta_gammas": [0.5]}):
+        got = probs(**tta)
+        assert got.shape == plain.shape and np.abs(got - plain).max() > 1e-4
+        assert got.min() >= 0 and got.max() <= 1

@@ -114,7 +114,7 @@ COMMANDS: dict[str, Command] = {
         "pneumoseg.stages.oof:run",
         [
             Flag("--size", "oof.size", int, "map size S"),
-            Flag("--checkpoints", "oof.checkpoints", str, "final or top_k"),
+            Flag("--checkpoints", "oof.checkpoints", str, "final, top_k or snapshots"),
         ],
         examples=("pneumoseg oof --checkpoints top_k",),
     ),
@@ -153,6 +153,15 @@ COMMANDS: dict[str, Command] = {
             Flag("--json", "json_out", bool, "print JSON"),
         ],
         examples=("pneumoseg score --submission submission/submission.csv --truth test-truth.csv",),
+    ),
+    "adversarial": Command(
+        "adversarial validation: how well a classifier tells test from training images (AUC)",
+        "pneumoseg.commands.adversarial:run",
+        [
+            Flag("--out", "out", str, "result JSON (default metrics/adversarial.json)"),
+            Flag("--json", "json_out", bool, "print JSON"),
+        ],
+        examples=("pneumoseg adversarial    # AUC near 0.5: the folds resemble the test set",),
     ),
     "register": Command(
         "register the fold ensemble + TTA + post-processing as a new MLflow model version",

@@ -20,23 +20,27 @@ import torch
 
 from pneumoseg.data import to_tensor
 from pneumoseg.models import ModelError, forward, load_model_file
+from pneumoseg.params import OofParams
 from pneumoseg.postprocess import PostProcess, apply_triplet
 
 
 def fold_model_files(models_dir: str | Path, fold: int, checkpoints: str = "final") -> list[Path]:
-    """The files of one fold: its final ``model.pt`` or (``top_k``) its last part's top-k."""
+    """The files of one fold: its final ``model.pt``, (``top_k``) its last part's top-k, or
+    (``snapshots``) the snapshot of every restart cycle of its last snapshot part."""
     root = Path(models_dir) / f"fold{fold}"
     if checkpoints == "final":
         path = root / "model.pt"
         if not path.is_file():
             raise ModelError(f"{path}: missing (train fold {fold} first)")
         return [path]
-    listing = root / "checkpoints.json"
+    folder = "checkpoints" if checkpoints == "top_k" else "snapshots"
+    listing = root / f"{folder}.json"
     if not listing.is_file():
-        raise ModelError(f"{listing}: missing (train fold {fold} first)")
+        how = "" if folder == "checkpoints" else " with train.snapshots and a cosine_restarts part"
+        raise ModelError(f"{listing}: missing (train fold {fold}{how} first)")
     entries = json.loads(listing.read_text())
     last = max(e["part"] for e in entries)
-    return [root / "checkpoints" / e["path"] for e in entries if e["part"] == last]
+    return [root / folder / e["path"] for e in entries if e["part"] == last]
 
 
 def ensemble_members(
@@ -65,6 +69,8 @@ class Ensemble:
         tta_hflip: bool = True,
         device: str | torch.device | None = None,
         batch_size: int = 16,
+        tta_scales: Iterable[float] = (),
+        tta_gammas: Iterable[float] = (),
     ) -> None:
         self.device = pick_device(device)
         self.files = [Path(f) for f in files]
@@ -83,15 +89,56 @@ class Ensemble:
         self.in_channels = channels.pop()
         self.has_cls = all(m.get("classification_head") for m in self.metas)
         self.tta_hflip = tta_hflip
+        self.tta_scales, self.tta_gammas = list(tta_scales), list(tta_gammas)
         self.batch_size = batch_size
+
+    @classmethod
+    def of(
+        cls, files: Iterable[str | Path], oof: OofParams, device: str | torch.device | None = None
+    ) -> Ensemble:
+        """The ensemble with the TTA and batch size of the ``oof`` section (what OOF, submit,
+        predict and serving all use)."""
+        return cls(
+            files,
+            oof.tta_hflip,
+            device,
+            oof.batch_size,
+            tta_scales=oof.tta_scales,
+            tta_gammas=oof.tta_gammas,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
             "files": [str(f) for f in self.files],
             "size": self.size,
             "tta_hflip": self.tta_hflip,
+            "tta_scales": self.tta_scales,
+            "tta_gammas": self.tta_gammas,
             "mlflow_run_ids": sorted({str(m.get("mlflow_run_id")) for m in self.metas}),
         }
+
+    def views(self, images: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, float, bool]]:
+        """Every TTA view of a batch: (input, scale, flipped). The plain view, each rescale and
+        each gamma curve, each also flipped with ``tta_hflip``."""
+        plain = [
+            image
+            if image.shape == (self.size, self.size)
+            else cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+            for image in images
+        ]
+        variants: list[tuple[list[np.ndarray], float]] = [(plain, 1.0)]
+        variants += [(plain, scale) for scale in self.tta_scales]
+        for gamma in self.tta_gammas:
+            lut = (255.0 * (np.arange(256) / 255.0) ** gamma).round().astype(np.uint8)
+            variants.append(([cv2.LUT(image, lut) for image in plain], 1.0))
+        for batch, scale in variants:
+            x = torch.stack([to_tensor(image, self.in_channels) for image in batch])
+            if scale != 1.0:
+                side = max(32, round(self.size * scale / 32) * 32)
+                x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear")
+            x = x.to(self.device, memory_format=self.memory_format)
+            for flip in [False, True] if self.tta_hflip else [False]:
+                yield (torch.flip(x, dims=[3]) if flip else x), scale, flip
 
     @torch.no_grad()
     def predict(
@@ -99,26 +146,21 @@ class Ensemble:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Probability maps (B, out, out) float32 and classifier probabilities (B,) or None."""
         out_size = out_size or self.size
-        batch = []
-        for image in images:
-            if image.shape != (self.size, self.size):
-                image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
-            batch.append(to_tensor(image, self.in_channels))
-        x = torch.stack(batch).to(self.device, memory_format=self.memory_format)
-        probs = torch.zeros((x.shape[0], 1, self.size, self.size), device=self.device)
-        cls_sum = torch.zeros((x.shape[0], 1), device=self.device)
-        views = [False, True] if self.tta_hflip else [False]
+        probs = torch.zeros((len(images), 1, self.size, self.size), device=self.device)
+        cls_sum = torch.zeros((len(images), 1), device=self.device)
         amp = torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda)
+        n, views = 0, list(self.views(images))
         for model in self.models:
-            for flip in views:
-                inp = torch.flip(x, dims=[3]) if flip else x
+            for x, scale, flip in views:
                 with amp:
-                    logits, cls = forward(model, inp)
+                    logits, cls = forward(model, x)
                 p = torch.sigmoid(logits.float())
+                if scale != 1.0:
+                    p = torch.nn.functional.interpolate(p, size=probs.shape[-2:], mode="bilinear")
                 probs += torch.flip(p, dims=[3]) if flip else p
                 if cls is not None:
                     cls_sum += torch.sigmoid(cls.float())
-        n = len(self.models) * len(views)
+                n += 1
         out = (probs / n)[:, 0].cpu().numpy()
         if out_size != self.size:
             out = np.stack(

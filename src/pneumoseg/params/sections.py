@@ -67,7 +67,12 @@ class OofParams(Strict):
 
     size: int | None = Field(None, ge=16, le=4096)  # S of oof/probs.npy; None: the model's size
     tta_hflip: bool = True
-    checkpoints: Literal["final", "top_k"] = "final"  # top_k: average a fold's top-k models
+    # more test-time views (each also flipped with tta_hflip): input rescaled by each factor
+    # (to a multiple of 32 px) and the maps resized back; a gamma curve on the uint8 image
+    tta_scales: list[Annotated[float, Field(ge=0.5, le=2)]] = []
+    tta_gammas: list[Annotated[float, Field(gt=0.2, lt=5)]] = []
+    # top_k: average a fold's top-k models; snapshots: its restart-cycle snapshots
+    checkpoints: Literal["final", "top_k", "snapshots"] = "final"
     batch_size: int = Field(16, ge=1)
     out_dir: str = "oof"
 

@@ -117,7 +117,7 @@ def shipped_studies() -> dict[str, StudyParams]:
 
 
 def freebies_study() -> StudyParams:
-    """The tricks of README "Tricks" on a 6-epoch first part, scored on fold 0: decoder
+    """The tricks of README "Tricks" on a 12-epoch first part, scored on fold 0: decoder
     attention, normalisation, the Jaccard term, label smoothing and the final weights."""
     categorical = {
         "train.model.decoder_attention": [None, "scse"],
@@ -130,7 +130,7 @@ def freebies_study() -> StudyParams:
     return StudyParams(
         space=space,
         parts=1,
-        budget={"train.parts[0].epochs": 6, "train.swa.epochs": 2, "train.ema.decay": 0.98},
+        budget={"train.parts[0].epochs": 12, "train.swa.epochs": 3, "train.ema.decay": 0.98},
         metric="val_kaggle_dice_area",
         trials=8,
     )

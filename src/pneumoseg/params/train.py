@@ -214,6 +214,9 @@ class TrainParams(Strict):
     checkpoint: CheckpointParams = CheckpointParams()
     swa: SWAParams = SWAParams()
     ema: EMAParams = EMAParams()
+    # save the weights at the end of every complete cosine_restarts cycle (a study that trains
+    # only the first parts may have none: the fold's record then says so)
+    snapshots: bool = False
     grad_checkpointing: bool = False  # recompute encoder activations in backward (tu- encoders)
     augment: AugmentParams = AugmentParams()
     parts: list[PartParams] = Field(default_factory=lambda: demo_parts(), min_length=1)

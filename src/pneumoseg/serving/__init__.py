@@ -85,7 +85,7 @@ def build_bundle(
     from pneumoseg.postprocess import PostProcess
 
     oof = params.oof
-    ensemble = Ensemble(files, oof.tta_hflip, device=device, batch_size=oof.batch_size)
+    ensemble = Ensemble.of(files, oof, device=device)
     post = PostProcess.load(postprocess)
     return Bundle(
         ensemble=ensemble,
@@ -112,13 +112,16 @@ def bundle_from_artifacts(
     description = {
         "models": list(config["models"]),
         "tta_hflip": params.oof.tta_hflip,
+        "tta_scales": params.oof.tta_scales,
+        "tta_gammas": params.oof.tta_gammas,
         "size": params.data.size,
     }
     return build_bundle(files, Path(artifacts[POSTPROCESS_ARTIFACT]), params, description, device)
 
 
 SERVING_KEYS = (
-    *("data.size", "data.clahe", "oof.tta_hflip", "oof.batch_size", "submit.dialect"),
+    *("data.size", "data.clahe", "oof.tta_hflip", "oof.tta_scales", "oof.tta_gammas"),
+    *("oof.batch_size", "submit.dialect"),
     *("serving.max_rows", "serving.max_image_pixels"),
 )
 

@@ -103,6 +103,9 @@ def version_description(
     shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
     folds = ",".join(str(k) for k in settings["train.folds"])
     tta = "on" if settings["oof.tta_hflip"] else "off"
+    for key in ("oof.tta_scales", "oof.tta_gammas"):  # the extra views, when there are any
+        if settings.get(key):
+            tta += f", {key.removeprefix('oof.tta_')} {settings[key]}"
     return (
         f"Folds {folds} ({settings['oof.checkpoints']} checkpoints, flip TTA {tta}), "
         f"{settings['submit.dialect']} RLE. Scores on the out-of-fold images: {shown} "

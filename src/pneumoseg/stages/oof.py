@@ -40,11 +40,7 @@ def run(params: Params, progress: bool = True) -> Path:
     if untrained:
         log.info("oof: folds %s are not trained; their images are left out", untrained)
     ensembles = {
-        k: Ensemble(
-            fold_model_files(params.train.models_dir, k, cfg.checkpoints),
-            tta_hflip=cfg.tta_hflip,
-            batch_size=cfg.batch_size,
-        )
+        k: Ensemble.of(fold_model_files(params.train.models_dir, k, cfg.checkpoints), cfg)
         for k in trained
     }
     size = cfg.size or ensembles[trained[0]].size

@@ -36,7 +36,7 @@ def run(params: Params, progress: bool = True) -> Path:
     post = PostProcess.load(params.thresholds.out)
     cfg = params.train
     files = [f for _, f in ensemble_members(cfg.models_dir, cfg.folds, params.oof.checkpoints)]
-    ens = Ensemble(files, tta_hflip=params.oof.tta_hflip, batch_size=params.oof.batch_size)
+    ens = Ensemble.of(files, params.oof)
     items = (
         (i, read_gray(image_path(processed, i)), native_size(manifest[i]), manifest[i])
         for i in test

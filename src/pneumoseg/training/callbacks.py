@@ -17,6 +17,7 @@ import torch
 
 from pneumoseg.models import save_model_file
 from pneumoseg.training.distributed import unwrap
+from pneumoseg.training.parts import cycle_ends
 
 if TYPE_CHECKING:
     from pneumoseg.training.parts import Part
@@ -64,6 +65,23 @@ class TopK(Callback):
         t.state.topk.append({"part": part.index, "epoch": epoch, "score": score, "path": path.name})
         for evicted in t.best_of_part(part.index)[k:]:
             t.state.topk.remove(evicted)
+
+
+class Snapshots(Callback):
+    """``train.snapshots``: the weights at the end of every complete restart cycle of a
+    ``cosine_restarts`` part (``snapshot-part<p>-cycle<c>.pt``; a snapshot ensemble)."""
+
+    def on_epoch_end(self, t: FoldTrainer, part: Part, e: int, row: dict[str, Any]) -> None:
+        ends = cycle_ends(part.cfg) if t.cfg.snapshots else []
+        if e not in ends:
+            return
+        cycle, epoch = ends.index(e), row["epoch"]
+        path = t.work / f"snapshot-part{part.index}-cycle{cycle}.pt"
+        if t.dist.main:
+            meta = t.meta(part.cfg.size) | {"part": part.index, "epoch": epoch, "cycle": cycle}
+            save_model_file(path, unwrap(t.model).state_dict(), meta)
+        entry = {"part": part.index, "epoch": epoch, "cycle": cycle, "path": path.name}
+        t.state.snapshots = [s for s in t.state.snapshots if s["path"] != path.name] + [entry]
 
 
 class History(Callback):
@@ -156,6 +174,7 @@ def default_callbacks(on_epoch: Callable[[dict[str, Any]], None] | None) -> list
     return [
         LrSchedule(),
         TopK(),
+        Snapshots(),
         History(),
         Reconnect(),
         SaveState(),

@@ -52,6 +52,19 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
     return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+def cycle_ends(part: PartParams) -> list[int]:
+    """The epochs (within the part) that end a complete ``cosine_restarts`` cycle: after the
+    warm-up, cycles of ``restart_epochs`` epochs, each ``restart_mult`` times the one before."""
+    sched = part.scheduler
+    if sched.name != "cosine_restarts":
+        return []
+    ends, start, length = [], min(sched.warmup_epochs, part.epochs - 1), sched.restart_epochs
+    while start + length <= part.epochs:
+        ends.append(start + length - 1)
+        start, length = start + length, length * sched.restart_mult
+    return ends
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, part: PartParams, mode: str) -> Any:
     """Per-epoch scheduler of a part (warm-up via LinearLR in front, except for plateau)."""
     sched = part.scheduler

@@ -112,6 +112,12 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
         "params_hash": t.params_hash,
         "data_hash": t.data_hash,
     }
+    if cfg.snapshots and not state.snapshots:
+        log.warning(
+            "train fold %d: train.snapshots is on, but no part completed a cosine_restarts "
+            "cycle: no snapshot saved",
+            t.fold,
+        )
     if not t.dist.main:
         return result
     meta = t.meta(size) | {"mlflow_run_id": state.mlflow_run_id, "final": cfg.checkpoint.final}
@@ -124,6 +130,11 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
             shutil.copy2(t.work / c["path"], out / "checkpoints" / c["path"])
         ckpts = [c | {"monitor": t.monitor} for c in state.topk]
         (out / "checkpoints.json").write_text(json.dumps(ckpts, indent=2) + "\n")
+        if state.snapshots:  # train.snapshots: oof.checkpoints: snapshots ensembles them
+            (out / "snapshots").mkdir()
+            for snap in state.snapshots:
+                shutil.copy2(t.work / snap["path"], out / "snapshots" / snap["path"])
+            (out / "snapshots.json").write_text(json.dumps(state.snapshots, indent=2) + "\n")
         write_history(state.history, out / "history.csv")  # the fold's record (oof's curves)
     write_history(state.history, t.plots / "history.csv")
     plot_history(state.history, t.plots / "learning_curves.png", t.fold)

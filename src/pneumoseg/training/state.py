@@ -32,6 +32,7 @@ class RunState:
     epoch_in_part: int = -1  # last finished epoch of ``part``
     history: list[dict[str, Any]] = field(default_factory=list)
     topk: list[dict[str, Any]] = field(default_factory=list)  # {part, epoch, score, path}
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # {part, epoch, cycle, path}
     mlflow_run_id: str | None = None
 
 

@@ -5,9 +5,11 @@ The same study definition (two searched keys, a fixed epoch budget, no pruner) r
 trial count three times, each in a fresh study of one PostgreSQL database (Debian's server on
 127.0.0.1, started as the tests start it):
 
-- ``1 worker``: one process with every core (the bare baseline);
-- ``2 workers, threads split``: two processes, ``OMP_NUM_THREADS`` = cores / 2 each;
-- ``2 workers, default threads`` (``--thrash``): two processes that each take every core.
+- ``1 worker``: one process, threads by pneumoseg's rule (alone: every core; the baseline);
+- ``2 workers, the rule``: two processes, threads by the rule (README "Cores": they register
+  as trainers on this host and split the cores), nothing set by hand;
+- ``2 workers, every core each`` (``--thrash``): two processes pinned to every core
+  (``PNEUMOSEG_THREADS`` = cores), what torch's default did before the rule.
 
 Trials per hour count the trials finished (COMPLETE) over the wall time from the workers' start
 to the last one's exit (process start-up included, as a user pays it). Run on an idle machine:
@@ -51,16 +53,16 @@ def study(epochs: int, trials: int, size: int | None) -> dict:
 
 
 def workers(project: Path, name: str, storage: str, threads: list[int | None]) -> float:
-    """Wall seconds for ``len(threads)`` workers (``None``: torch's default threads) to bring
-    study ``name`` to its trial count."""
+    """Wall seconds for ``len(threads)`` workers (``None``: the thread rule; a number: pinned)
+    to bring study ``name`` to its trial count."""
     procs = []
     t0 = time.perf_counter()
     for n in threads:
         variables = env() | {"PNEUMOSEG_OPTUNA_STORAGE": storage}
-        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PNEUMOSEG_THREADS"):
             variables.pop(key, None)
-            if n is not None:
-                variables[key] = str(n)
+        if n is not None:
+            variables["PNEUMOSEG_THREADS"] = str(n)
         cmd = [sys.executable, "-m", "pneumoseg", "-q", "study", "run", name]
         output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
         procs.append(subprocess.Popen(cmd, cwd=project, env=variables, **output))
@@ -79,9 +81,9 @@ def main() -> None:
     parser.add_argument("--thrash", action="store_true", help="also two default-thread workers")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
-    configs = {"1 worker": [cores], "2 workers, threads split": [max(cores // 2, 1)] * 2}
+    configs: dict[str, list[int | None]] = {"1 worker": [None], "2 workers, the rule": [None] * 2}
     if args.thrash:
-        configs["2 workers, default threads"] = [None, None]
+        configs["2 workers, every core each"] = [cores, cores]
     tmp = Path(tempfile.mkdtemp(prefix="pneumoseg-bench-studies-"))
     project = make_project(tmp / "p")
     definition = study(args.epochs, args.trials, args.size)
@@ -104,7 +106,7 @@ def main() -> None:
             finished = sum(t.state.name == "COMPLETE" for t in done.trials)
             per_hour = finished * 3600 / seconds
             base = base or per_hour
-            shown = "/".join("default" if n is None else str(n) for n in threads)
+            shown = "/".join("rule" if n is None else f"pinned {n}" for n in threads)
             print(f"{label:28} {shown:>15} {seconds:8.1f} {per_hour:9.1f} {per_hour / base:11.2f}x")
 
 

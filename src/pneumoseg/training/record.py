@@ -43,6 +43,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("pneumoseg.training")
 
 
+def val_row(losses: dict[str, float], m: dict[str, float], prefix: str = "val_") -> dict[str, Any]:
+    """The validation columns of a history row (or of a final-metrics record)."""
+    return {
+        f"{prefix}loss": losses["loss"],
+        **{f"{prefix}{k}": v for k, v in losses.items() if k != "loss"},
+        f"{prefix}kaggle_dice": m["kaggle_dice"],
+        f"{prefix}kaggle_dice_area": m["kaggle_dice_area"],
+        f"{prefix}dice_pos": m["dice_pos"],
+        f"{prefix}iou_pos": m["iou_pos"],
+        f"{prefix}empty_acc": m["empty_acc"],
+        f"{prefix}pos_acc": m["pos_acc"],
+    }
+
+
 def final_weights(t: FoldTrainer, swa_model: Any) -> dict[str, torch.Tensor]:
     """``train.checkpoint.final`` of the last part: its best or top-k average checkpoint, the
     last epoch's weights, the SWA average (BatchNorm statistics recomputed, or the frozen ones
@@ -70,8 +84,6 @@ def final_weights(t: FoldTrainer, swa_model: Any) -> dict[str, torch.Tensor]:
 def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
     """Score the final weights (the selection split, then the held-out fold once every
     decision is made), write the fold's record, log it and delete the resume state."""
-    from pneumoseg.training.trainer import val_row
-
     cfg, state = t.cfg, t.state
     size = cfg.parts[-1].size
     t.dist.barrier()  # rank 0 deletes the work folder at the end

@@ -33,11 +33,12 @@ from pneumoseg.models import build_model, forward
 from pneumoseg.params import Params, flatten, stage_digest, stage_values
 from pneumoseg.progress import progress_bar
 from pneumoseg.sampling import SampleRateSampler, sample_rate_at
+from pneumoseg.threads import ThreadShare
 from pneumoseg.tracking import Tracker
 from pneumoseg.training.callbacks import Callback, default_callbacks
 from pneumoseg.training.distributed import Dist
 from pneumoseg.training.parts import Part, make_ema, make_optimizer, make_scheduler
-from pneumoseg.training.record import finish
+from pneumoseg.training.record import finish, val_row
 from pneumoseg.training.state import (
     ResumeStore,
     RunState,
@@ -47,20 +48,6 @@ from pneumoseg.training.state import (
 )
 
 log = logging.getLogger("pneumoseg.training")
-
-
-def val_row(losses: dict[str, float], m: dict[str, float], prefix: str = "val_") -> dict[str, Any]:
-    """The validation columns of a history row (or of a final-metrics record)."""
-    return {
-        f"{prefix}loss": losses["loss"],
-        **{f"{prefix}{k}": v for k, v in losses.items() if k != "loss"},
-        f"{prefix}kaggle_dice": m["kaggle_dice"],
-        f"{prefix}kaggle_dice_area": m["kaggle_dice_area"],
-        f"{prefix}dice_pos": m["dice_pos"],
-        f"{prefix}iou_pos": m["iou_pos"],
-        f"{prefix}empty_acc": m["empty_acc"],
-        f"{prefix}pos_acc": m["pos_acc"],
-    }
 
 
 class FoldTrainer:
@@ -118,23 +105,29 @@ class FoldTrainer:
         self.model: nn.Module = nn.Identity()  # the network, once run() built it
         self.ema: torch.optim.swa_utils.AveragedModel | None = None  # train.ema
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.threads = ThreadShare()
 
     # --------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
         """Train every part that remains, then write the fold's record (see ``record``)."""
-        resumed = self.begin()
-        part = None
-        for part in self.parts(resumed):
-            for e in range(part.start, part.cfg.epochs):
-                row = self.epoch(part, e)
-                for callback in self.callbacks:
-                    callback.on_epoch_end(self, part, e, row)
-        return finish(self, part.swa_model if part is not None else None)
+        self.threads.register()  # the host's cores are shared by its trainers (threads.py)
+        try:
+            resumed = self.begin()
+            part = None
+            for part in self.parts(resumed):
+                for e in range(part.start, part.cfg.epochs):
+                    row = self.epoch(part, e)
+                    for callback in self.callbacks:
+                        callback.on_epoch_end(self, part, e, row)
+            return finish(self, part.swa_model if part is not None else None)
+        finally:
+            self.threads.release()
 
     def begin(self) -> dict[str, Any] | None:
         """Seed, build the model, reopen the resume state and the MLflow run (a new run's id
         is saved before any work: a kill never orphans it). Returns the torch state to resume
         from, or None."""
+        self.threads.apply()
         seed_everything(self.cfg.seed + self.fold)
         resumed = self.store.load()
         if resumed:
@@ -240,6 +233,7 @@ class FoldTrainer:
     def epoch(self, part: Part, e: int) -> dict[str, Any]:
         """Train and (on the selection split) validate one epoch; its history row."""
         epoch = part.first_epoch + e
+        self.threads.apply()  # another trainer may have started or ended
         part.sampler.set_epoch(epoch, sample_rate_at(part.cfg.sample_rate, e, part.cfg.epochs))
         t0 = time.perf_counter()
         lr = part.optimizer.param_groups[0]["lr"]

@@ -26,4 +26,6 @@ def save_then_signal(self: ResumeStore, state, torch_state) -> None:  # type: ig
 
 
 ResumeStore.save = save_then_signal  # type: ignore[method-assign]
+if SIGNAL == signal.SIGINT:  # a Ctrl-C at a terminal, also when the runner is a background job
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (which starts with SIGINT ignored)
 sys.exit(main(ARGS))

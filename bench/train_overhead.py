@@ -2,8 +2,9 @@
 
 pneumoseg side: a temp project (synthetic 256 px processed PNGs + folds.csv + a params.yaml
 derived from the repo's, paths inside the temp dir), a real :class:`FoldTrainer` and its real
-``make_part`` (SegDataset with its cache, albumentations, SampleRateSampler) and ``train_epoch``
-(ComboLoss, autocast/GradScaler, channels_last, CPU deterministic mode as FoldTrainer sets it),
+``make_part`` (SegDataset over the training arrays, albumentations, SampleRateSampler) and
+``train_epoch`` (ComboLoss, autocast/GradScaler, channels_last,
+CPU deterministic mode as FoldTrainer sets it),
 plus the per-epoch ``Tracker.log_metrics`` batch into a real sqlite MLflow store.
 
 bare side: the same architecture built with the same seed, contiguous memory format, the same
@@ -58,6 +59,7 @@ import torch  # noqa: E402
 import torch.utils.deterministic  # noqa: E402
 import yaml  # noqa: E402
 
+from pneumoseg.arrays import write_arrays  # noqa: E402
 from pneumoseg.artifacts import read_folds, write_folds  # noqa: E402
 from pneumoseg.data import SegDataset  # noqa: E402
 from pneumoseg.folds import stratified_folds  # noqa: E402
@@ -103,15 +105,17 @@ def make_processed(root: Path, n: int, positive_fraction: float, seed: int) -> N
         cv2.imwrite(str(masks / f"{image_id}.png"), mask)
         labels[image_id] = int(positive[i])
     with (root / "data/processed/manifest.csv").open("w") as fh:
-        fh.write("ImageId,split,has_mask\n")
-        fh.writelines(f"{k},train,{v}\n" for k, v in labels.items())
+        fh.write("ImageId,split,has_mask,mask_pixels,height,width\n")
+        fh.writelines(f"{k},train,{v},,{side},{side}\n" for k, v in labels.items())
     write_folds(root / "data/folds.csv", stratified_folds(labels, 5, seed), labels)
+    write_arrays(root / "data/processed", root / "data/arrays", [128], progress=False)
 
 
 def write_params(root: Path, size: int, rate: float) -> Params:
     """The repo's params.yaml, one part at ``size``, every path inside ``root`` (the cwd)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["processed_dir"] = "data/processed"
+    raw["arrays"]["out_dir"] = "data/arrays"
     raw["split"].update({"out": "data/folds.csv", "n_folds": 5})
     train = raw["train"]
     train.update(
@@ -231,9 +235,7 @@ class Bench:
         tr.tracker.log_params(flatten(stage_values(self.params, "train")))
         self.clock = StepClock(self.optimizer)
         # ---- bare sides: same architecture and init seed, plain tensors in memory
-        plain = SegDataset(
-            tr.train_ids, self.params.data.processed_dir, size, cfg.model.in_channels
-        )
+        plain = SegDataset(tr.train_ids, self.params.arrays.out_dir, size, cfg.model.in_channels)
         items = [plain[i] for i in range(len(plain))]
         x = torch.stack([x for x, _, _ in items])
         y = torch.stack([y for _, y, _ in items])
@@ -313,7 +315,7 @@ class Bench:
 
     # ---- breakdown
     def loader_only(self, epoch: int) -> None:
-        """Per-batch time of iterating the real train loader alone (cache warm)."""
+        """Per-batch time of iterating the real train loader alone (page cache warm)."""
         self.sampler.set_epoch(epoch, self.part.sample_rate.start)
         t = time.perf_counter()
         for _ in self.loader:
@@ -322,7 +324,7 @@ class Bench:
             t = now
 
     def augmentation_only(self, n_items: int) -> tuple[float, float]:
-        """Per-item seconds of (set_random_seed, transform call) on cached arrays."""
+        """Per-item seconds of (set_random_seed, transform call) on loaded arrays."""
         ds = self.loader.dataset
         transform = ds.transform
         seeds = np.random.default_rng(0).integers(0, 2**31, n_items)
@@ -360,7 +362,7 @@ def run_size(root: Path, size: int, rate: float, epochs: int, profile: int) -> d
         f"loss (both sides)={b.bench_part.loss_fn.weights}; load avg {load()}"
     )
     epoch = 1
-    b.pneumoseg_epoch(epoch, record=False)  # warm-up: fills the dataset cache, sqlite, allocators
+    b.pneumoseg_epoch(epoch, record=False)  # warm-up: page cache, sqlite, allocators
     for name in b.bare:
         b.bare_epoch(name, record=False)
     for rep in range(epochs):  # rotate the order of the sides every repetition
@@ -407,7 +409,7 @@ def run_size(root: Path, size: int, rate: float, epochs: int, profile: int) -> d
         )
     n = b.n_steps["pneumoseg"]
     print("  breakdown (pneumoseg, per batch unless said):")
-    print(f"    loader alone (cache warm)            {ms(res['loader'])} {spread(loader)}")
+    print(f"    loader alone (page cache warm)       {ms(res['loader'])} {spread(loader)}")
     print(f"      augmentation call (x batch)        {ms(res['aug_call'])}")
     print(f"      aug set_random_seed (x batch)      {ms(res['aug_seed'])}")
     print(f"    MLflow log_metrics per epoch         {ms(res['tracking'])} {spread(b.tracking)}")

@@ -22,6 +22,7 @@ BIN = Path(sys.executable).parent
 TINY: dict[str, Any] = {
     "demo": {"n_train": 24, "n_test": 6, "size": 128, "seed": 7},
     "data": {"size": 64, "workers": 1},
+    "arrays": {"sizes": []},
     "split": {"n_folds": 3},
     "oof": {"size": 64},
     "thresholds": {"trials": 20},
@@ -115,9 +116,9 @@ def make_project(path: Path, overrides: dict[str, Any] | None = None, git: bool 
 
 
 def prepared_data(path: Path, overrides: dict[str, Any] | None = None) -> Path:
-    """Project with demo -> convert -> split already run in-process (no DVC)."""
+    """Project with demo -> convert -> arrays -> split already run in-process (no DVC)."""
     from pneumoseg.params import load_params
-    from pneumoseg.stages import convert, demo, split
+    from pneumoseg.stages import arrays, convert, demo, split
 
     make_project(path, overrides, git=False)
     cwd = os.getcwd()
@@ -126,6 +127,7 @@ def prepared_data(path: Path, overrides: dict[str, Any] | None = None) -> Path:
         params = load_params("params.yaml")
         demo.run(params, progress=False)
         convert.run(params, progress=False)
+        arrays.run(params, progress=False)
         split.run(params)
     finally:
         os.chdir(cwd)
@@ -153,7 +155,7 @@ def cli(*args: str, cwd: Path, check: bool = True) -> tuple[int, str, str]:
 
 
 STAGES = (
-    *("demo", "convert", "split", "train", "oof"),
+    *("demo", "convert", "arrays", "split", "train", "oof"),
     *("thresholds", "evaluate", "register", "submit"),
 )
 

@@ -85,6 +85,15 @@ COMMANDS: dict[str, Command] = {
             "pneumoseg convert --dialect absolute   # stage 2 csv",
         ),
     ),
+    "arrays": Command(
+        "write the training images and masks as uint8 arrays, once per training size",
+        "pneumoseg.stages.arrays:run",
+        [Flag("--out", "arrays.out_dir", str, "output folder")],
+        examples=(
+            'pneumoseg arrays && python -c "import numpy; '
+            "print(numpy.load('data/arrays/256/images.npy', mmap_mode='r').shape)\"",
+        ),
+    ),
     "split": Command(
         "assign stratified cross-validation folds",
         "pneumoseg.stages.split:run",

@@ -412,13 +412,15 @@ def test_a_torn_resume_state_falls_back_one_generation(
 
 # ------------------------------------------------------------------ torn pipeline files
 TORN = [  # (file to damage, how, the command that reads it, what the line must name)
-    ("data/processed/images/{first}.png", "half", "train --fold 0", "dvc checkout"),
+    ("data/processed/images/{first}.png", "half", "arrays", "dvc checkout"),
+    ("data/arrays/64/images.npy", "half_array", "train --fold 0", "dvc repro arrays"),
     ("models/postprocess.json", "garbage", "submit", "dvc checkout"),
     ("data/processed/manifest.csv", "drop_column", "thresholds", "dvc checkout"),
     ("optuna/journal.log", "garbage_line", "thresholds", "head -n"),
 ]
 DAMAGE = {
     "half": "a half-written PNG in data/processed",
+    "half_array": "a half-written array in data/arrays",
     "garbage": "a corrupt postprocess.json",
     "drop_column": "manifest.csv without a column",
     "garbage_line": "a corrupt record in optuna/journal.log",
@@ -436,10 +438,10 @@ def test_a_torn_file_is_one_line_naming_it(
     record: Record,
 ) -> None:
     project = tiny_pipeline.copy(tmp_path / "p")
-    first = sorted((project / "data/processed/images").glob("*.png"))[0].stem
+    first = (project / "data/arrays/ids.txt").read_text().split()[0]  # a training image
     path = project / target.format(first=first)
     data = path.read_bytes()
-    if how == "half":
+    if how in ("half", "half_array"):
         path.write_bytes(data[: len(data) // 2])
     elif how == "garbage":
         path.write_bytes(b"{not json")

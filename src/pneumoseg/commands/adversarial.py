@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pneumoseg.arrays import read_gray
 from pneumoseg.artifacts import image_path, read_manifest
-from pneumoseg.data import read_gray
 from pneumoseg.files import write_json
 from pneumoseg.params import Params
 from pneumoseg.progress import progress_bar

@@ -32,6 +32,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "data.file_timeout",
         "data.pseudonymize_ids",
     ),
+    "arrays": ("arrays.sizes",),
     "split": ("split.n_folds", "split.seed"),
     "train": (
         "train.seed",

@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, model_validator
 from pneumoseg.params.errors import format_validation_error
 from pneumoseg.params.keys import MISSING, get_path, set_path
 from pneumoseg.params.sections import (
+    ArraysParams,
     DataParams,
     DemoParams,
     EvaluateParams,
@@ -33,6 +34,7 @@ class Params(Strict):
 
     demo: DemoParams = DemoParams()
     data: DataParams = DataParams()
+    arrays: ArraysParams = ArraysParams()
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
     oof: OofParams = OofParams()

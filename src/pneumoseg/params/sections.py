@@ -54,6 +54,15 @@ class DataParams(Strict):
     pseudonymize_ids: bool = False
 
 
+class ArraysParams(Strict):
+    """The training images and masks as uint8 arrays, decoded once (`pneumoseg arrays`)."""
+
+    # sizes written besides data.size (always): one per training part size; a part size not
+    # listed is resized per item from the data.size array
+    sizes: list[Annotated[int, Field(ge=16, le=4096)]] = [128]
+    out_dir: str = "data/arrays"
+
+
 class SplitParams(Strict):
     """Stratified K-fold split (`pneumoseg split`)."""
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from pneumoseg.arrays import read_gray
 from pneumoseg.artifacts import image_path, read_folds, read_oof_models
-from pneumoseg.data import read_gray
 from pneumoseg.evaluation import (
     bootstrap_ci,
     cross_fitted,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoseg.arrays import read_gray
 from pneumoseg.artifacts import (
     image_path,
     mask_path,
@@ -19,7 +20,6 @@ from pneumoseg.artifacts import (
     write_oof_ids,
     write_oof_models,
 )
-from pneumoseg.data import read_gray
 from pneumoseg.files import staged_dir
 from pneumoseg.inference import Ensemble, fold_model_files, to_uint8_probs
 from pneumoseg.params import Params

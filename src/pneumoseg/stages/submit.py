@@ -7,6 +7,7 @@ import csv
 import logging
 from pathlib import Path
 
+from pneumoseg.arrays import read_gray
 from pneumoseg.artifacts import (
     image_path,
     native_size,
@@ -14,7 +15,6 @@ from pneumoseg.artifacts import (
     read_manifest,
     read_test_order,
 )
-from pneumoseg.data import read_gray
 from pneumoseg.files import atomic_file
 from pneumoseg.params import Params
 from pneumoseg.progress import progress_bar

@@ -209,7 +209,7 @@ def overlays(t: FoldTrainer, model: nn.Module, metrics: SegMetrics, size: int) -
     dice = metrics.per_image()
     order = np.argsort(dice, kind="stable")
     pick = list(dict.fromkeys([*order[:4].tolist(), *order[::-1][:4].tolist()]))
-    ds = SegDataset(t.images.held_out, t.params.data.processed_dir, size, t.cfg.model.in_channels)
+    ds = SegDataset(t.images.held_out, t.params.arrays.out_dir, size, t.cfg.model.in_channels)
     model.eval()
     cases = []
     for i in pick:

@@ -271,23 +271,20 @@ class FoldTrainer:
         cfg = self.cfg
         train_ds = SegDataset(
             self.train_ids,
-            self.params.data.processed_dir,
+            self.params.arrays.out_dir,
             size,
             cfg.model.in_channels,
             transform=build_train_transform(cfg.augment, size),
-            cache=cfg.workers == 0,
         )
         train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, **self._common())
         return train, self.eval_loader(self.val_ids, size) if self.val_ids else None
 
     def _common(self) -> dict[str, Any]:
-        pin = self.device.type == "cuda"
-        return {"num_workers": self.cfg.workers, "pin_memory": pin, "persistent_workers": False}
+        pin, workers = self.device.type == "cuda", self.cfg.workers
+        return {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0}
 
-    def eval_loader(self, ids: list[str], size: int, cache: bool = True) -> DataLoader:
-        ds = SegDataset(
-            ids, self.params.data.processed_dir, size, self.cfg.model.in_channels, cache=cache
-        )
+    def eval_loader(self, ids: list[str], size: int) -> DataLoader:
+        ds = SegDataset(ids, self.params.arrays.out_dir, size, self.cfg.model.in_channels)
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, **self._common())
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:

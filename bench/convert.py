@@ -2,12 +2,15 @@
 against a bare pydicom -> cv2 loop on the same files.
 
     python bench/convert.py [--n 200] [--size 512] [--out-size 256] [--repeats 3] [--profile]
+    python bench/convert.py --siim     # SIIM-like files: 1024 px, 8-bit JPEG Baseline -> 1024 px
 
 The DICOM set (default 200 files of 512 x 512, in the demo's mix of formats) is built once and
 reused from a folder under the temp dir. It is made by ``pneumoseg.demo.dataset.generate_demo``
-when that exists, else by the small generator below. Targets: 2 workers >= 1.7x one worker;
-pneumoseg's per-image cost within 1.3x of the bare loop. Only ratios are printed; nothing is
-asserted (timings depend on the machine).
+when that exists, else by the small generator below. ``--siim``: what SIIM ships instead,
+1024 x 1024, 8-bit MONOCHROME2, JPEG Baseline (~100-150 KB each), converted at 1024 px like the
+SIIM profile (``data.size=1024``); the projected time of the 12,047 SIIM files is printed.
+Targets: 2 workers >= 1.8x one worker; pneumoseg's per-image cost within 1.2x of the bare loop.
+Only ratios are printed; nothing is asserted (timings depend on the machine).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ import numpy as np
 from pneumoseg.conversion import convert
 from pneumoseg.rle import rle_encode
 
-TARGET_PARALLEL = 1.7
-TARGET_OVERHEAD = 1.3
+TARGET_PARALLEL = 1.8
+TARGET_OVERHEAD = 1.2
+SIIM_FILES = 12047
 
 # format -> share, as in the demo: mostly 8-bit JPEG Baseline like SIIM.
 MIX = {
@@ -124,10 +128,10 @@ def _write_dicom(path: Path, image: np.ndarray, fmt: str, uid: str) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def _own_set(raw: Path, n: int, size: int, seed: int = 2019) -> None:
-    """SIIM layout with the demo's format mix; ~22% of the images carry a lesion."""
+def _own_set(raw: Path, n: int, size: int, mix: dict[str, float], seed: int = 2019) -> None:
+    """SIIM layout with the format ``mix``; ~22% of the images carry a lesion."""
     rng = np.random.default_rng(seed)
-    formats = [f for f, share in MIX.items() for _ in range(max(1, round(share * n)))][:n]
+    formats = [f for f, share in mix.items() for _ in range(max(1, round(share * n)))][:n]
     formats += ["jpeg8"] * (n - len(formats))
     rows = ["ImageId, EncodedPixels"]
     for i, fmt in enumerate(formats):
@@ -187,16 +191,20 @@ def _build(raw: Path, make: Callable[[], object], fallible: bool) -> bool:
     return True
 
 
-def dataset(n: int, size: int) -> tuple[Path, str]:
+def dataset(n: int, size: int, siim: bool = False) -> tuple[Path, str]:
     """The raw folder (built once, then reused) and the name of its generator."""
     root = Path(tempfile.gettempdir()) / "pneumoseg-bench"
+    if siim:
+        raw = root / f"siim-{n}x{size}" / "raw"
+        _build(raw, lambda: _own_set(raw, n, size, {"jpeg8": 1.0}), fallible=False)
+        return raw, "SIIM-like: 8-bit MONOCHROME2 JPEG Baseline"
     generate = _demo_generator()
     if generate is not None:
         raw = root / f"demo-{n}x{size}" / "raw"
         if _build(raw, lambda: _call_demo(generate, raw, n, size), fallible=True):
             return raw, "pneumoseg.demo.dataset.generate_demo"
     raw = root / f"bench-{n}x{size}" / "raw"
-    _build(raw, lambda: _own_set(raw, n, size), fallible=False)
+    _build(raw, lambda: _own_set(raw, n, size, MIX), fallible=False)
     return raw, "bench generator"
 
 
@@ -242,15 +250,19 @@ def best_of(repeats: int, fn: Callable[[], object]) -> Timing:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="number of DICOMs [%(default)s]")
-    parser.add_argument("--size", type=int, default=512, help="DICOM side [%(default)s]")
-    parser.add_argument("--out-size", type=int, default=256, help="PNG side [%(default)s]")
+    parser.add_argument("--size", type=int, default=None, help="DICOM side [512; --siim 1024]")
+    parser.add_argument("--out-size", type=int, default=None, help="PNG side [256; --siim 1024]")
+    parser.add_argument("--siim", action="store_true", help="SIIM-like JPEG files at 1024 px")
     parser.add_argument("--repeats", type=int, default=3, help="best of N runs [%(default)s]")
     parser.add_argument("--profile", action="store_true", help="always print a cProfile")
     args = parser.parse_args(argv)
+    args.size = args.size or (1024 if args.siim else 512)
+    args.out_size = args.out_size or (1024 if args.siim else 256)
 
-    raw, source = dataset(args.n, args.size)
+    raw, source = dataset(args.n, args.size, args.siim)
     paths = sorted(raw.rglob("*.dcm"))
     n = len(paths)
+    kb = sum(p.stat().st_size for p in paths) / n / 1024
     work = Path(tempfile.mkdtemp(prefix="pneumoseg-bench-out-"))
     try:
 
@@ -272,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {1000 * t.cpu / n:6.2f} ms/img CPU"
             )
 
-        print(f"data: {n} DICOMs {args.size}x{args.size} -> {args.out_size} PNG ({source})")
+        print(
+            f"data: {n} DICOMs {args.size}x{args.size}, {kb:.0f} KB each on average "
+            f"-> {args.out_size} PNG ({source})"
+        )
         print(f"      {raw}")
         print(f"machine: {os.cpu_count()} CPUs, load average {load_before:.2f} -> {load_after:.2f}")
         print(line("convert, 1 worker", one))
@@ -288,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"pneumoseg / bare loop per image = {overhead:.2f}x wall, "
             f"{one.cpu / bare.cpu:.2f}x CPU  (target <= {TARGET_OVERHEAD})"
+        )
+        print(
+            f"projected: {SIIM_FILES} such files in {SIIM_FILES * two.wall / n / 60:.1f} min "
+            f"with 2 workers ({SIIM_FILES * one.wall / n / 60:.1f} min with 1)"
         )
         if load_before > 0.5 or load_after > 2.5:
             print("note: other processes were running; wall-clock ratios are unreliable")

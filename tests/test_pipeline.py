@@ -17,6 +17,7 @@ def test_dvc_repro_end_to_end(dvc_project: DvcProject, tmp_path: Path) -> None:
     assert dvc_project.ran == {
         "demo",
         "convert",
+        "arrays",
         "split",
         "train@0",
         "train@1",

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_helpers import Pipeline, run, set_params
+import yaml
+from pipeline_helpers import DvcProject, Pipeline, repro, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +69,81 @@ def test_torchrun_two_processes_train_one_fold(tiny_pipeline: Pipeline, tmp_path
     assert only.info.status == "FINISHED" and only.data.tags["fold"] == "0"
     assert only.data.metrics["train_items"] == int(row["train_items"])
     assert not (project / "checkpoints/fold0").exists()  # resume state cleaned up once
+
+
+def epoch_sample_size(project: Path, fold: int) -> int:
+    """Images in epoch 1's sample of ``fold`` (all ranks, unpadded), computed independently."""
+    from pneumoseg.artifacts import read_folds
+    from pneumoseg.folds import FoldImages
+    from pneumoseg.params import load_params
+    from pneumoseg.sampling import epoch_sample, sample_rate_at
+
+    cfg = load_params(project / "params.yaml").train
+    folds = read_folds(project / "data/folds.csv")
+    sel = cfg.selection
+    images = FoldImages.of(folds, fold, sel.mode, sel.inner_fraction, cfg.seed)
+    positive = np.array([folds[i][1] == 1 for i in images.train])
+    rate = sample_rate_at(cfg.parts[0].sample_rate, 0, 1)
+    return len(epoch_sample(positive, rate, cfg.seed + 1000 * fold, 1))
+
+
+def test_nproc_per_node_runs_the_dvc_stage_in_two_ranks(
+    dvc_project: DvcProject, tmp_path: Path
+) -> None:
+    """`train.nproc_per_node: 2` and a plain `dvc repro`: the unchanged stage command starts
+    two gloo ranks; the fold gets one MLflow run whose loss counts both ranks' items; a
+    classification head that a part leaves without gradients (loss.cls 0) does not stop DDP."""
+    project = dvc_project.copy(tmp_path / "p")
+    before = json.loads((project / "metrics/fold0.json").read_text())["mlflow_run_id"]
+    part = {"size": 64, "epochs": 1, "lr": 0.003, "loss": {"bce": 1, "dice": 1}}
+    head_trained = {**part, "loss": {"bce": 1, "dice": 1, "cls": 1}}
+    # batch 1: several steps per rank, so a step after one without head gradients comes
+    train = {"nproc_per_node": 2, "batch_size": 1, "model": {"classification_head": True}}
+    set_params(project, {"train": {**train, "parts": [head_trained, part]}})
+    assert "train@0" in repro(project, "train@0")
+    result = json.loads((project / "metrics/fold0.json").read_text())
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("pneumoseg")
+    runs = client.search_runs([exp.experiment_id], "tags.fold = '0'")
+    (new,) = [r for r in runs if r.info.run_id != before]  # one run for the two ranks
+    assert new.info.run_id == result["mlflow_run_id"] and new.info.status == "FINISHED"
+    assert new.data.params["train.nproc_per_node"] == "2"
+    with (project / "plots/fold0/history.csv").open(newline="") as fh:
+        row, _ = list(csv.DictReader(fh))  # part 0 (head trained), part 1 (head unused)
+    n = epoch_sample_size(project, 0)
+    assert int(row["train_items"]) == 2 * math.ceil(n / 2) > n / 2  # both ranks' items
+    items = client.get_metric_history(new.info.run_id, "train_items")
+    assert [m.value for m in items if m.step == 1] == [int(row["train_items"])]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["train@0"]["cmd"] == "pneumoseg -q train --fold 0"
+
+
+GATHER = """
+import os, sys
+import numpy as np
+from pneumoseg.training.distributed import Dist
+dist = Dist.from_env()
+ids = [f"img{i}" for i in range(7)]
+mine = dist.shard(ids)
+rows = np.array([[int(i[3:]), dist.rank, 0, 0] for i in mine], dtype=np.int64)
+gathered = dist.gather_rows(rows)
+assert [f"img{r}" for r in gathered[:, 0]] == ids, gathered
+assert gathered[:, 1].tolist() == [i % 2 for i in range(7)], gathered  # each scored once
+print("rank", dist.rank, "scored", len(mine), "of", len(ids))
+"""
+
+
+def test_validation_is_split_across_ranks_and_gathered_in_order(tmp_path: Path) -> None:
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER)
+    proc = run(
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+            *("--nproc_per_node", "2", str(script)),
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert "rank 0 scored 4 of 7" in proc.stdout and "rank 1 scored 3 of 7" in proc.stdout

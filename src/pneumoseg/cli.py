@@ -42,11 +42,19 @@ class Command:
     target: str
     flags: list[Flag] = field(default_factory=list)
     wants_params_file: bool = False  # the runner also gets params_file= (it edits the file)
+    # "module:function" called with (params, argv) before the runner; it may exec another
+    # process instead (train under torchrun)
+    launcher: str | None = None
     examples: tuple[str, ...] = ()  # shown by --help
 
     def runner(self) -> Callable[..., Any]:
-        module, _, function = self.target.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return _resolve(self.target)
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    """The function a ``"module:function"`` names, imported now."""
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 COMMANDS: dict[str, Command] = {
@@ -116,7 +124,9 @@ COMMANDS: dict[str, Command] = {
         examples=(
             "pneumoseg train --fold 0",
             "dvc repro train@0          # the same, tracked by DVC",
+            "dvc exp run -S train.nproc_per_node=2   # every fold in two torchrun ranks",
         ),
+        launcher="pneumoseg.training.launch:torchrun_if_asked",
     ),
     "oof": Command(
         "out-of-fold probability maps of every trained fold",
@@ -355,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParamsError as exc:
         print(redact_text(str(exc)), file=sys.stderr)
         return 2
+    if command.launcher:
+        _resolve(command.launcher)(params, list(sys.argv[1:] if argv is None else argv))
     previous = signal.signal(signal.SIGTERM, terminated)  # a preempted machine: as Ctrl-C
     try:
         command.runner()(params, progress=not args.quiet, **extra)

@@ -97,6 +97,14 @@ class SegMetrics:
         self.threshold = threshold
         self._stats: list[np.ndarray] = []
 
+    @classmethod
+    def of(cls, stats: np.ndarray, threshold: float = 0.5) -> SegMetrics:
+        """Metrics over the given ``(N, 4)`` per-image ``tp, fp, fn, tn`` rows."""
+        metrics = cls(threshold)
+        if len(stats):
+            metrics._stats.append(np.asarray(stats, dtype=np.int64))
+        return metrics
+
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add a batch: ``probs`` ``(B, 1, H, W)`` in [0, 1], ``target`` 0/1 of the same shape."""
         self._stats.append(image_stats(probs, target, self.threshold))

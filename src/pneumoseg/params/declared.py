@@ -39,6 +39,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "train.model",
         "train.optimizer",
         "train.batch_size",
+        "train.nproc_per_node",
         "train.accumulate_steps",
         "train.grad_clip",
         "train.amp",

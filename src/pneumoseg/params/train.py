@@ -205,6 +205,9 @@ class TrainParams(Strict):
     accumulate_steps: int = Field(1, ge=1)
     grad_clip: float | None = Field(None, gt=0)
     workers: int = Field(0, ge=0)
+    # >1: `pneumoseg train` starts itself under torchrun with this many ranks on this machine
+    # (DistributedDataParallel: gloo on CPU, NCCL on GPUs; batch_size is per rank)
+    nproc_per_node: int = Field(1, ge=1)
     amp: bool = True  # CUDA only
     channels_last: bool = True
     val_threshold: Fraction = 0.5

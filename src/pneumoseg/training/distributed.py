@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +55,31 @@ class Dist:
         tdist.all_reduce(t)
         return dict(zip(keys, t[:-1].tolist(), strict=True)), int(t[-1].item())
 
+    def shard(self, ids: list[str]) -> list[str]:
+        """This rank's share of a list scored in parallel: items ``rank::world_size``."""
+        return ids[self.rank :: self.world_size]
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Every rank's rows of a :meth:`shard`-ed list (``(n_rank, k)`` int64), back in the
+        unsharded order, on every rank."""
+        if self.world_size <= 1:
+            return rows
+        import torch.distributed as tdist
+
+        local = torch.as_tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        tdist.all_gather(counts, torch.tensor([len(local)]))
+        longest = int(max(c.item() for c in counts))
+        padded = torch.zeros((longest, local.shape[1]), dtype=torch.int64)
+        padded[: len(local)] = local
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        tdist.all_gather(parts, padded)
+        total = int(sum(c.item() for c in counts))
+        out = np.zeros((total, local.shape[1]), dtype=np.int64)
+        for rank, (part, count) in enumerate(zip(parts, counts, strict=True)):
+            out[rank :: self.world_size] = part[: int(count.item())].numpy()
+        return out
+
     def broadcast_buffers(self, model: nn.Module) -> None:
         """Give every rank rank 0's BatchNorm statistics (DDP syncs them only before a training
         forward), so validation, checkpoint ranking and the final weights agree across ranks."""
@@ -64,9 +90,17 @@ class Dist:
         for buf in model.buffers():
             tdist.broadcast(buf, 0)
 
-    def wrap(self, model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    def wrap(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        sync_bn: bool = False,
+        unused_parameters: bool = False,
+    ) -> nn.Module:
         """The model DistributedDataParallel trains (the model itself on one process); with
-        ``sync_bn`` its BatchNorm layers become SyncBatchNorm first (CUDA only, as in torch)."""
+        ``sync_bn`` its BatchNorm layers become SyncBatchNorm first (CUDA only, as in torch).
+        ``unused_parameters``: some step leaves parameters without a gradient (a classification
+        head while ``loss.cls`` is 0), which DDP must then look for."""
         if self.world_size <= 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
@@ -80,7 +114,9 @@ class Dist:
             model = to_sync_batch_norm(model)
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=unused_parameters
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -67,7 +67,7 @@ def final_weights(t: FoldTrainer, swa_model: Any) -> dict[str, torch.Tensor]:
             for averaged, live in zip(swa_model.module.buffers(), t.model.buffers(), strict=True):
                 averaged.copy_(live)
         else:
-            loader = t.eval_loader(t.train_ids, size)
+            loader = t.eval_loader(t.train_ids, size, shard=False)  # same on every rank
             torch.optim.swa_utils.update_bn(loader, swa_model, t.device)
         return swa_model.module.state_dict()
     if kind == "ema" and t.ema is not None:

@@ -173,7 +173,8 @@ class FoldTrainer:
         """The parts left to train, each ready to run (a resumed part with its optimizer,
         schedules and SWA restored; a new part from the previous part's chosen weights)."""
         cfg, state = self.cfg, self.state
-        self.ddp_model = self.dist.wrap(self.model, self.device, cfg.model.sync_bn)
+        unused = cfg.model.classification_head and any(p.loss.cls == 0 for p in cfg.parts)
+        self.ddp_model = self.dist.wrap(self.model, self.device, cfg.model.sync_bn, unused)
         first_epoch = 1
         for index, part_cfg in enumerate(cfg.parts):
             if index < state.part:
@@ -283,7 +284,10 @@ class FoldTrainer:
         pin, workers = self.device.type == "cuda", self.cfg.workers
         return {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0}
 
-    def eval_loader(self, ids: list[str], size: int) -> DataLoader:
+    def eval_loader(self, ids: list[str], size: int, shard: bool = True) -> DataLoader:
+        """Images scored without augmentation; ``shard``: this rank's share only (the ranks
+        split validation and :meth:`validate` gathers the scores)."""
+        ids = self.dist.shard(ids) if shard else ids
         ds = SegDataset(ids, self.params.arrays.out_dir, size, self.cfg.model.in_channels)
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, **self._common())
 
@@ -345,6 +349,8 @@ class FoldTrainer:
             sums["loss"] = sums.get("loss", 0.0) + float(loss) * b
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * b
+        sums, n = self.dist.sum(sums, n)  # every rank's share: the whole list, on every rank
+        metrics = SegMetrics.of(self.dist.gather_rows(metrics.stats()), self.cfg.val_threshold)
         return {k: v / max(n, 1) for k, v in sums.items()}, metrics
 
     def bn_frozen(self, part: int) -> bool:

@@ -279,3 +279,29 @@ def test_versions_registered_with_an_older_schema_still_load() -> None:
         8,
         "absolute",
     )
+
+
+def test_prefetched_keeps_the_order_and_raises_where_the_producer_failed() -> None:
+    import threading
+
+    from pneumoseg.inference import prefetched
+
+    threads: set[str] = set()
+
+    def items(fail_at: int | None = None):
+        for i in range(10):
+            threads.add(threading.current_thread().name)
+            if i == fail_at:
+                raise ValueError(f"item {i}: bad")
+            yield i
+
+    assert list(prefetched(items(), 3)) == list(range(10))
+    assert threads == {"pneumoseg-prefetch"}  # produced beside the consumer, not in it
+    got = []
+    with pytest.raises(ValueError, match="item 4: bad"):
+        for i in prefetched(items(fail_at=4), 2):
+            got.append(i)
+    assert got == [0, 1, 2, 3]
+    early = prefetched(items(), 1)
+    assert next(early) == 0
+    early.close()  # a consumer that stops early releases the producer

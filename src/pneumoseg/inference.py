@@ -9,10 +9,12 @@ size and the tuned triplet is applied there, so masks have native-resolution edg
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -22,6 +24,8 @@ from pneumoseg.data import to_tensor
 from pneumoseg.models import ModelError, forward, load_model_file
 from pneumoseg.params import OofParams
 from pneumoseg.postprocess import PostProcess, apply_triplet
+
+T = TypeVar("T")
 
 
 def fold_model_files(models_dir: str | Path, fold: int, checkpoints: str = "final") -> list[Path]:
@@ -223,6 +227,44 @@ def to_native(probs: np.ndarray, height: int, width: int) -> np.ndarray:
     return to_uint8_probs(probs)
 
 
+def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
+    """``items`` produced by a background thread up to ``depth`` ahead, so decoding (pydicom,
+    OpenCV: C code without the GIL) overlaps the model; the order is kept and an exception of
+    the producer is raised here, at the item where it happened."""
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("done", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(("error", exc))
+
+    threading.Thread(target=produce, name="pneumoseg-prefetch", daemon=True).start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return
+            yield value
+    finally:
+        stop.set()
+
+
 def predict_masks(
     ensemble: Ensemble,
     post: PostProcess,
@@ -231,7 +273,8 @@ def predict_masks(
     """``(ImageId, prepared uint8 image, (native h, w), meta)`` -> post-processed native masks.
 
     The probabilities are resized to the native size and the image's triplet (its group's,
-    see :class:`PostProcess`) is applied there; areas are native pixels, so no rescaling."""
+    see :class:`PostProcess`) is applied there; areas are native pixels, so no rescaling.
+    ``items`` is consumed in a background thread (:func:`prefetched`)."""
     pending: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
 
     def images() -> Iterator[tuple[str, np.ndarray]]:
@@ -239,7 +282,8 @@ def predict_masks(
             pending[image_id] = (native, meta)
             yield image_id, image
 
-    for keys, probs, cls in ensemble.predict_batches(images()):
+    ahead = prefetched(images(), 2 * ensemble.batch_size)  # the next batch decodes meanwhile
+    for keys, probs, cls in ensemble.predict_batches(ahead):
         cls_u8 = to_uint8_probs(cls) if cls is not None else None
         for j, image_id in enumerate(keys):
             (h, w), meta = pending.pop(image_id)

@@ -23,6 +23,7 @@ import logging
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,8 +206,16 @@ def _predict_into(
             natives[path.stem] = dicom.image
             yield path.stem, bundle.prepare(dicom.image), (dicom.height, dicom.width), dicom.meta
 
+    def write_pngs(image_id: str, image: np.ndarray, mask: np.ndarray) -> None:
+        name = f"{image_id}.png"
+        ok = cv2.imwrite(str(root / "masks" / name), mask * 255)
+        ok &= cv2.imwrite(str(root / "overlays" / name), overlay(image, mask))
+        if not ok:
+            raise OSError(f"{root}: cannot write the PNGs of {image_id}")
+
     positive = predicted = 0
-    with (root / "predictions.csv").open("w", newline="") as fh:
+    writes: list[Future[None]] = []  # the PNGs are encoded and written while the model runs
+    with (root / "predictions.csv").open("w", newline="") as fh, ThreadPoolExecutor(1) as pool:
         writer = csv.DictWriter(fh, fieldnames=list(FIELDS))
         writer.writeheader()
         for pred in bundle.predict(items()):
@@ -215,12 +224,12 @@ def _predict_into(
             positive += row["has_pneumothorax"]
             predicted += 1
             image = natives.pop(pred.image_id)
-            name = f"{pred.image_id}.png"
-            ok = cv2.imwrite(str(root / "masks" / name), pred.mask * 255)
-            ok &= cv2.imwrite(str(root / "overlays" / name), overlay(image, pred.mask))
-            if not ok:
-                raise OSError(f"{root}: cannot write the PNGs of {pred.image_id}")
+            writes.append(pool.submit(write_pngs, pred.image_id, image, pred.mask))
+            while writes and writes[0].done():
+                writes.pop(0).result()  # a failed write stops predict here
             bar.update(1)
+        for done in writes:
+            done.result()
     bar.close()
     _write_csv(root / "failures.csv", ("path", "reason"), failures)
     summary = {

@@ -49,6 +49,8 @@ lint: setup
 
 bench: setup
 	python bench/convert.py
+	python bench/convert.py --siim
+	python bench/loader.py
 	python bench/thresholds.py
 	python bench/train_overhead.py
 	python bench/team.py

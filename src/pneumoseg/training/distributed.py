@@ -51,9 +51,16 @@ class Dist:
         import torch.distributed as tdist
 
         keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64)
+        t = self._wire(torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64))
         tdist.all_reduce(t)
+        t = t.cpu()
         return dict(zip(keys, t[:-1].tolist(), strict=True)), int(t[-1].item())
+
+    def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` where the backend moves it: NCCL takes CUDA tensors only, gloo CPU ones."""
+        import torch.distributed as tdist
+
+        return tensor.cuda(self.local_rank) if tdist.get_backend() == "nccl" else tensor
 
     def shard(self, ids: list[str]) -> list[str]:
         """This rank's share of a list scored in parallel: items ``rank::world_size``."""
@@ -67,17 +74,18 @@ class Dist:
         import torch.distributed as tdist
 
         local = torch.as_tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        tdist.all_gather(counts, torch.tensor([len(local)]))
-        longest = int(max(c.item() for c in counts))
-        padded = torch.zeros((longest, local.shape[1]), dtype=torch.int64)
+        mine = self._wire(torch.tensor([len(local)]))
+        counts = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        tdist.all_gather(counts, mine)
+        sizes = [int(c.item()) for c in counts]
+        padded = torch.zeros((max(sizes), local.shape[1]), dtype=torch.int64)
         padded[: len(local)] = local
+        padded = self._wire(padded)
         parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
         tdist.all_gather(parts, padded)
-        total = int(sum(c.item() for c in counts))
-        out = np.zeros((total, local.shape[1]), dtype=np.int64)
-        for rank, (part, count) in enumerate(zip(parts, counts, strict=True)):
-            out[rank :: self.world_size] = part[: int(count.item())].numpy()
+        out = np.zeros((sum(sizes), local.shape[1]), dtype=np.int64)
+        for rank, (part, size) in enumerate(zip(parts, sizes, strict=True)):
+            out[rank :: self.world_size] = part[:size].cpu().numpy()
         return out
 
     def broadcast_buffers(self, model: nn.Module) -> None:

@@ -79,9 +79,7 @@ def test_the_arrays_stage_is_a_command_with_a_summary(project: Path, tmp_path: P
     assert not (work / "data/arrays2.partial").exists()
 
 
-def test_zero_and_two_loader_workers_train_identical_weights(
-    project: Path, tmp_path: Path
-) -> None:
+def test_zero_and_two_loader_workers_train_identical_weights(project: Path, tmp_path: Path) -> None:
     """Augmentation is seeded per item and the rows come from one file: the worker processes
     change where the work runs, not what it computes."""
     weights = []

@@ -131,14 +131,15 @@ rows = np.array([[int(i[3:]), dist.rank, 0, 0] for i in mine], dtype=np.int64)
 gathered = dist.gather_rows(rows)
 assert [f"img{r}" for r in gathered[:, 0]] == ids, gathered
 assert gathered[:, 1].tolist() == [i % 2 for i in range(7)], gathered  # each scored once
-print("rank", dist.rank, "scored", len(mine), "of", len(ids))
+with open(f"rank{dist.rank}.txt", "w") as fh:  # one file per rank: stdout would interleave
+    fh.write(f"rank {dist.rank} scored {len(mine)} of {len(ids)}")
 """
 
 
 def test_validation_is_split_across_ranks_and_gathered_in_order(tmp_path: Path) -> None:
     script = tmp_path / "gather.py"
     script.write_text(GATHER)
-    proc = run(
+    run(
         [
             *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
             *("--nproc_per_node", "2", str(script)),
@@ -146,4 +147,5 @@ def test_validation_is_split_across_ranks_and_gathered_in_order(tmp_path: Path) 
         cwd=tmp_path,
         timeout=120,
     )
-    assert "rank 0 scored 4 of 7" in proc.stdout and "rank 1 scored 3 of 7" in proc.stdout
+    assert (tmp_path / "rank0.txt").read_text() == "rank 0 scored 4 of 7"
+    assert (tmp_path / "rank1.txt").read_text() == "rank 1 scored 3 of 7"

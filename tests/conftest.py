@@ -120,11 +120,27 @@ def radiograph_fixture() -> Callable[..., np.ndarray]:
     return radiograph
 
 
+# The tiny pipeline's second ensemble member: smaller decoder, trained at half the size (its maps
+# are resized to the common size), so every stage runs on a two-member ensemble there.
+TINY_MEMBER = {
+    "members": {
+        "tiny": {
+            "model": {"decoder_channels": [16, 8, 8, 4, 4]},
+            "parts": [
+                {"size": 32, "epochs": 2, "lr": 0.003, "loss": {"bce": 1, "dice": 1},
+                 "sample_rate": {"start": 0.8, "end": 0.5, "shape": "linear"}}
+            ],
+        }
+    }
+}  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """The tiny demo project after one run of every stage (trained once for the whole test
-    run); tests that change files work on ``tiny_pipeline.copy(tmp_path / "p")``."""
-    return probed_pipeline(tmp_path_factory.mktemp("tiny") / "p")
+    run), with a second ensemble member; tests that change files work on
+    ``tiny_pipeline.copy(tmp_path / "p")``."""
+    return probed_pipeline(tmp_path_factory.mktemp("tiny") / "p", {"ensemble": TINY_MEMBER})
 
 
 @pytest.fixture(scope="session")

@@ -155,7 +155,7 @@ def cli(*args: str, cwd: Path, check: bool = True) -> tuple[int, str, str]:
 
 
 STAGES = (
-    *("demo", "convert", "arrays", "split", "train", "oof"),
+    *("demo", "convert", "arrays", "split", "train", "member", "oof"),
     *("thresholds", "evaluate", "register", "submit"),
 )
 
@@ -173,11 +173,15 @@ class Pipeline:
         return dest
 
 
-def probe_stage(project: Path, stage: str, fold: int | None = None) -> dict[str, Any]:
+def probe_stage(
+    project: Path, stage: str, fold: int | None = None, member: str | None = None
+) -> dict[str, Any]:
     """Run one stage through tests/stage_probe.py in a fresh process; its report."""
     args = [sys.executable, str(ROOT / "tests" / "stage_probe.py"), stage]
     if fold is not None:
         args += ["--fold", str(fold)]
+    if member is not None:
+        args += ["--member", member]
     start = time.monotonic()
     proc = run(args, cwd=project)
     line = [x for x in proc.stdout.splitlines() if x.startswith("STAGE_PROBE ")][-1]
@@ -192,6 +196,10 @@ def probed_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipe
         if stage == "train":
             for k in params["train"]["folds"]:
                 reports[f"train@{k}"] = probe_stage(path, "train", k)
+        elif stage == "member":
+            for name in params["ensemble"]["members"]:
+                for k in params["train"]["folds"]:
+                    reports[f"member@{name}-{k}"] = probe_stage(path, "train", k, name)
         else:
             reports[stage] = probe_stage(path, stage)
     return Pipeline(path, reports)

@@ -1,7 +1,7 @@
 """Run one pipeline stage and report what it really read: every params key path (through a
 recording params object), every pneumoseg module it imported and every file it opened.
 
-    python tests/stage_probe.py STAGE [--fold K] > report.json     (in a project folder)
+    python tests/stage_probe.py STAGE [--fold K] [--member NAME] > report.json   (in a project)
 
 The report is ``{"reads": [...], "modules": [...], "opened": {"r": [...], "w": [...]}}``; file
 paths are relative to the project folder (files outside it are left out). Files written by
@@ -65,11 +65,34 @@ class RecordingList(list):
         return super().__len__()
 
 
+class RecordingDict(dict):
+    """A mapping of plain mappings whose entries are recorded as ``path.<key>`` when read one
+    by one; iterating over it records the whole mapping."""
+
+    def __init__(self, items: dict[str, Any], path: str, reads: set[str]) -> None:
+        super().__init__(items)
+        self._path, self._reads = path, reads
+
+    def __getitem__(self, key: str) -> Any:
+        self._reads.add(f"{self._path}.{key}")
+        return super().__getitem__(key)
+
+    def __iter__(self) -> Any:
+        self._reads.add(self._path)
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._reads.add(self._path)
+        return super().__len__()
+
+
 def wrap(value: Any, path: str, reads: set[str]) -> Any:
     if isinstance(value, BaseModel):
         return Recorder(value, path, reads)
     if isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
         return RecordingList(value, path, reads)
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        return RecordingDict(value, path, reads)  # e.g. ensemble.members: one entry is read
     if isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
         reads.add(path)  # e.g. studies: a mapping of sections, read as a whole
         return value
@@ -81,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage")
     parser.add_argument("--fold", type=int)
+    parser.add_argument("--member")
     args = parser.parse_args()
     root = Path.cwd().resolve()
     opened: dict[str, set[str]] = {"r": set(), "w": set()}
@@ -112,6 +136,8 @@ def main() -> None:
     kwargs: dict[str, Any] = {"progress": False}
     if args.fold is not None:
         kwargs["fold"] = args.fold
+    if args.member is not None:
+        kwargs["member"] = args.member
     module.run(recorder, **kwargs)
     modules = sorted(
         str(Path(m.__file__).resolve())

@@ -28,8 +28,11 @@ EXEMPT_PATHS = ("mlruns", "optuna", "checkpoints", "dvc.lock")
 
 
 def definition(stage: str) -> dict[str, Any]:
+    """A stage's body: the ``do`` of a foreach, a matrix stage without its matrix."""
     entry = DVC[stage]
-    return entry["do"] if "foreach" in entry else entry
+    if "foreach" in entry:
+        return entry["do"]
+    return {k: v for k, v in entry.items() if k != "matrix"}
 
 
 def entries(items: list[Any]) -> list[str]:
@@ -38,15 +41,22 @@ def entries(items: list[Any]) -> list[str]:
 
 
 def interpolated(stage: str) -> set[str]:
-    """The params keys a stage's definition interpolates (``${data.processed_dir}``)."""
-    text = yaml.safe_dump(definition(stage))
-    return set(re.findall(r"\$\{([\w.]+)\}", text)) - {"item"}
+    """The params keys a stage's definition interpolates (``${data.processed_dir}``), and the
+    params entries built by interpolation (``ensemble.members.${item.member}``, resolved for
+    the tiny pipeline's member)."""
+    body = definition(stage)
+    text = yaml.safe_dump(body)
+    keys = {k for k in re.findall(r"\$\{([\w.]+)\}", text) if k.split(".")[0] != "item"}
+    built = [k for k in body.get("params", []) if "${" in k]
+    return keys | {k.replace("${item.member}", MEMBER) for k in built}
 
 
 def resolve(path: str, params: dict[str, Any], fold: int) -> str:
     def value(m: re.Match[str]) -> str:
-        if m.group(1) == "item":
+        if m.group(1) in ("item", "item.fold"):
             return str(fold)
+        if m.group(1) == "item.member":
+            return MEMBER
         node: Any = params
         for key in m.group(1).split("."):
             node = node[key]
@@ -60,14 +70,20 @@ def covered(key: str, by: set[str]) -> bool:
 
 
 STAGE_NAMES = list(DVC)
+MEMBER = "tiny"  # the tiny pipeline's ensemble member (tests/conftest.py)
+
+
+def report_of(pipeline: Pipeline, stage: str) -> dict[str, Any]:
+    """What the stage read in the tiny pipeline (fold 0 of a foreach/matrix stage)."""
+    return pipeline.reports[{"train": "train@0", "member": f"member@{MEMBER}-0"}.get(stage, stage)]
 
 
 @pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_params_read_are_declared_and_declared_are_read(
     stage: str, tiny_pipeline: Pipeline
 ) -> None:
-    report = tiny_pipeline.reports["train@0" if stage == "train" else stage]
-    listed = definition(stage).get("params", [])
+    report = report_of(tiny_pipeline, stage)
+    listed = [k for k in definition(stage).get("params", []) if "${" not in k]
     assert listed == list(STAGE_PARAMS[stage]), "dvc.yaml and params.STAGE_PARAMS differ"
     declared = set(listed) | interpolated(stage)
     reads = set(report["reads"])
@@ -88,7 +104,7 @@ def is_package_marker(path: Path) -> bool:
 
 @pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_code_deps_are_exactly_the_imported_modules(stage: str, tiny_pipeline: Pipeline) -> None:
-    report = tiny_pipeline.reports["train@0" if stage == "train" else stage]
+    report = report_of(tiny_pipeline, stage)
     imported = {
         "src/pneumoseg/" + m.split("/pneumoseg/", 1)[1]
         for m in report["modules"]
@@ -123,7 +139,7 @@ def exact_code_deps(imported: set[str]) -> list[str]:
 @pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_files_read_and_written_are_declared(stage: str, tiny_pipeline: Pipeline) -> None:
     params = yaml.safe_load((tiny_pipeline.path / "params.yaml").read_text())
-    report = tiny_pipeline.reports["train@0" if stage == "train" else stage]
+    report = report_of(tiny_pipeline, stage)
     d = definition(stage)
     deps = {resolve(p, params, 0) for p in entries(d.get("deps", [])) if not p.startswith("src/")}
     outs = {

@@ -21,7 +21,7 @@ import csv
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,9 @@ def read_oof_models(out_dir: str | Path) -> dict[int, dict[str, Any]]:
     return {int(k): v for k, v in json.loads(path.read_text()).items()}
 
 
+MEMBERS_DIR = "members"  # <oof>/members/<name>/: the maps of ensemble member <name>
+
+
 @dataclass
 class OofSet:
     """The out-of-fold maps of one ``oof`` run (arrays memory-mapped)."""
@@ -142,6 +145,9 @@ class OofSet:
     probs: np.ndarray  # uint8 (N, S, S)
     masks: np.ndarray  # uint8 (N, S, S), 0/1
     cls: np.ndarray | None  # uint8 (N,) classifier probabilities, or None
+    # ensemble.members: each further member's maps (and classifier values), same rows and size
+    members: dict[str, np.ndarray] = field(default_factory=dict)
+    member_cls: dict[str, np.ndarray | None] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -152,17 +158,20 @@ class OofSet:
         return np.array([f for _, f in self.ids])
 
 
-def open_oof_arrays(out_dir: str | Path, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """New memory-mapped ``probs.npy`` and ``masks.npy`` of ``n`` maps of ``size`` x ``size``."""
+def open_oof_arrays(
+    out_dir: str | Path, n: int, size: int, names: tuple[str, ...] = ("probs.npy", "masks.npy")
+) -> list[np.ndarray]:
+    """New memory-mapped arrays (``probs.npy`` and ``masks.npy``) of ``n`` maps of ``size`` x
+    ``size``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = (n, size, size)
     arrays = []
-    for name in ("probs.npy", "masks.npy"):
+    for name in names:
         arrays.append(np.lib.format.open_memmap(out / name, "w+", dtype=np.uint8, shape=shape))
         with (out / name).open("r+b") as fh:  # claim the space now: a full disk is an
             os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)  # error, no SIGBUS
-    return arrays[0], arrays[1]
+    return arrays
 
 
 # Columns every learning_curves.csv has (blank where a run did not log them), so the plots of
@@ -222,4 +231,15 @@ def load_oof(out_dir: str | Path) -> OofSet:
             f"{out}: probs {probs.shape}, masks {masks.shape} and {len(ids)} ids disagree; "
             "rerun `dvc repro -f -s oof`"
         )
-    return OofSet(ids, probs, masks, cls)
+    members: dict[str, np.ndarray] = {}
+    member_cls: dict[str, np.ndarray | None] = {}
+    for folder in sorted(p for p in (out / MEMBERS_DIR).glob("*") if p.is_dir()):
+        members[folder.name] = np.load(folder / "probs.npy", mmap_mode="r")
+        cls_file = folder / "cls.npy"
+        member_cls[folder.name] = np.load(cls_file) if cls_file.is_file() else None
+        if members[folder.name].shape != probs.shape:
+            raise ValueError(
+                f"{folder}/probs.npy: shape {members[folder.name].shape} differs from "
+                f"{out}/probs.npy {probs.shape}; rerun `dvc repro -f -s oof`"
+            )
+    return OofSet(ids, probs, masks, cls, members, member_cls)

@@ -117,6 +117,7 @@ COMMANDS: dict[str, Command] = {
         "pneumoseg.stages.train:run",
         [
             Flag("--fold", "fold", int, "train only this fold (default: all of train.folds)"),
+            Flag("--member", "member", str, "train ensemble member NAME (ensemble.members)"),
             Flag("--epochs", "train.parts[0].epochs", int, "epochs of the first part"),
             Flag("--size", "train.parts[0].size", int, "image size of the first part"),
             Flag("--encoder", "train.model.encoder", str, "smp/timm encoder name"),

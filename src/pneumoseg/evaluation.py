@@ -9,18 +9,31 @@ Every score says which decisions saw its images:
   fold, a study scored on OOF images) may still have seen them.
 - ``kaggle_dice_untouched``: the cross-fitted score over the images that no decision saw at all:
   the number to expect on new data.
+
+With ensemble members, the fitted member weights are cross-fitted like the thresholds (refitted
+on the other folds' images, then the triplet tuned on those weighted maps), and each member
+alone and the equal-weight mean are cross-fitted beside them (:func:`members_cross_fitted`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pneumoseg.artifacts import MEMBERS_DIR, OofSet, read_oof_models
 from pneumoseg.folds import FoldImages
-from pneumoseg.postprocess import SearchSettings, TripletScorer, tune
+from pneumoseg.postprocess import (
+    SearchSettings,
+    TripletScorer,
+    blended_scorer,
+    fit_weights,
+    oof_members,
+    tune,
+)
 
 
 def bootstrap_ci(values: np.ndarray, n: int, seed: int = 0) -> list[float] | None:
@@ -35,7 +48,7 @@ def bootstrap_ci(values: np.ndarray, n: int, seed: int = 0) -> list[float] | Non
 
 
 def cross_fitted(
-    scorer: TripletScorer,
+    scorer: TripletScorer | Mapping[int, TripletScorer],
     folds: np.ndarray,
     settings: SearchSettings,
     groups: np.ndarray | None = None,
@@ -43,8 +56,9 @@ def cross_fitted(
 ) -> tuple[np.ndarray | None, dict[int, dict[str, Any]]]:
     """Per-image dice where each fold is scored with the post-processing that the deployed
     search (same trials, seed, space, grid, groups) finds on the other folds' images; with
-    fewer than two folds there is nothing to cross-fit (None). ``after_trial``: called after
-    each search trial (progress)."""
+    fewer than two folds there is nothing to cross-fit (None). ``scorer`` may differ per
+    held-out fold (fold -> scorer: maps whose member weights were fitted without it).
+    ``after_trial``: called after each search trial (progress)."""
     unique = np.unique(folds)
     if len(unique) < 2:
         return None, {}
@@ -52,13 +66,54 @@ def cross_fitted(
     tuned: dict[int, dict[str, Any]] = {}
     for k in unique:
         held = np.flatnonzero(folds == k)
-        post, report = tune(scorer, settings, groups, np.flatnonzero(folds != k), after_trial)
-        dice[held] = post.per_image(scorer, groups, held)
+        fold_scorer = scorer[int(k)] if isinstance(scorer, Mapping) else scorer
+        post, report = tune(fold_scorer, settings, groups, np.flatnonzero(folds != k), after_trial)
+        dice[held] = post.per_image(fold_scorer, groups, held)
         tuned[int(k)] = post.as_dict() | {
             "tuned_score": report["score"],
             "selected": report["selected"],
         }
     return dice, tuned
+
+
+def members_cross_fitted(
+    oof: OofSet,
+    native: np.ndarray,
+    settings: SearchSettings,
+    mode: str,
+    step: float,
+    groups: np.ndarray | None = None,
+    after_trial: Callable[[], None] | None = None,
+) -> dict[str, tuple[np.ndarray | None, dict[int, dict[str, Any]]]]:
+    """:func:`cross_fitted` of each member alone, of the equal-weight mean and (``weighted``)
+    of the deployed combination: with ``mode`` fitted, the weights are refitted on the other
+    folds' images for each held-out fold (recorded in its ``member_weights``)."""
+    maps, cls = oof_members(oof)
+    folds = oof.folds
+
+    def scorer(weights: Mapping[str, float]) -> TripletScorer:
+        return blended_scorer(maps, oof.masks, native, cls, weights)
+
+    out = {
+        name: cross_fitted(scorer({n: float(n == name) for n in maps}), folds, settings,
+                           groups, after_trial)
+        for name in maps
+    }  # fmt: skip
+    out["equal"] = cross_fitted(
+        scorer(dict.fromkeys(maps, 1.0)), folds, settings, groups, after_trial
+    )
+    if mode != "fitted" or len(np.unique(folds)) < 2:
+        out["weighted"] = out["equal"]
+        return out
+    others = {int(k): np.flatnonzero(folds != k) for k in np.unique(folds)}
+    fits = fit_weights(maps, oof.masks, native, cls, settings, step, others)
+    dice, tuned = cross_fitted(
+        {k: scorer(fit.weights) for k, fit in fits.items()}, folds, settings, groups, after_trial
+    )
+    for k, fit in fits.items():
+        tuned[k]["member_weights"] = fit.weights
+    out["weighted"] = (dice, tuned)
+    return out
 
 
 @dataclass
@@ -89,10 +144,12 @@ def decisions(
     studies: list[Any],
     folds: dict[str, tuple[int, int]],
     settings: SearchSettings,
+    members: str | None = None,
 ) -> list[Decision]:
     """The decisions behind an OOF set: each fold's checkpoint selection (``models``: what
     ``oof`` recorded from the model files), each applied study (``provenance.studies``), the
-    deployed threshold search and its cross-fitted twin."""
+    member weights (``members``: how they were set, None for one member), the deployed
+    threshold search and their cross-fitted twins."""
     oof = {i for i, _ in ids}
     by_fold: dict[int, set[str]] = {}
     for i, k in ids:
@@ -124,6 +181,23 @@ def decisions(
                 ALL_SCORES,
             )
         )
+    if members:
+        out.append(
+            Decision(
+                "member weights",
+                f"ensemble.weights ({members}) on all OOF images: the grid candidate whose maps "
+                "reach the best exhaustive triplet score",
+                oof,
+                ("kaggle_dice",),
+            )
+        )
+        out.append(
+            Decision(
+                "member weights, cross-fitted",
+                "the same fit per held-out fold, on the other folds' images",
+                set(),
+            )
+        )
     search = f"Optuna TPE ({settings.trials} trials)" + (
         " + the exhaustive grid" if settings.exhaustive else ""
     )
@@ -136,6 +210,17 @@ def decisions(
         )
     )
     return out
+
+
+def selection_records(oof_dir: str, oof: OofSet) -> dict[int, dict[str, Any]]:
+    """Per fold, the checkpoint selection of its models: a member that selected on the
+    held-out fold makes the fold's images seen, whichever member it is."""
+    records = read_oof_models(oof_dir)
+    for name in oof.members:
+        for k, record in read_oof_models(Path(oof_dir) / MEMBERS_DIR / name).items():
+            if (record.get("selection") or {}).get("mode", "held_out") == "held_out":
+                records[k] = record
+    return records
 
 
 def untouched(ids: list[tuple[str, int]], found: list[Decision]) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +22,7 @@ import torch
 
 from pneumoseg.data import to_tensor
 from pneumoseg.models import ModelError, forward, load_model_file
-from pneumoseg.params import OofParams
+from pneumoseg.params import MAIN, OofParams, member_dir
 from pneumoseg.postprocess import PostProcess, apply_triplet
 
 T = TypeVar("T")
@@ -48,24 +48,39 @@ def fold_model_files(models_dir: str | Path, fold: int, checkpoints: str = "fina
 
 
 def ensemble_members(
-    models_dir: str | Path, folds: Iterable[int], checkpoints: str = "final"
+    models_dir: str | Path,
+    folds: Iterable[int],
+    checkpoints: str = "final",
+    members: Iterable[str] = (),
 ) -> list[tuple[str, Path]]:
-    """(name, file) of every member of the fold ensemble, in fold order: ``fold<k>`` (or
-    ``fold<k>_<j>`` for the top-k checkpoints of fold k)."""
-    members = []
-    for k in folds:
-        files = fold_model_files(models_dir, k, checkpoints)
-        for j, path in enumerate(files):
-            if not path.is_file():
-                raise ModelError(f"{path}: missing (train fold {k} first)")
-            members.append((f"fold{k}" if len(files) == 1 else f"fold{k}_{j}", path))
-    return members
+    """(name, file) of every model of the ensemble, in fold order: ``fold<k>`` (or
+    ``fold<k>_<j>`` for the top-k checkpoints of fold k), then for each further ensemble member
+    ``<member>-fold<k>`` (its files under ``<models_dir>/members/<member>/``)."""
+    out = []
+    folds = list(folds)
+    for member in [None, *members]:
+        root = models_dir if member is None else member_dir(str(models_dir), member)
+        prefix = "" if member is None else f"{member}-"
+        for k in folds:
+            files = fold_model_files(root, k, checkpoints)
+            for j, path in enumerate(files):
+                if not path.is_file():
+                    raise ModelError(f"{path}: missing (train fold {k} first)")
+                out.append(
+                    (f"{prefix}fold{k}" if len(files) == 1 else f"{prefix}fold{k}_{j}", path)
+                )
+    return out
 
 
 class Ensemble:
     """Averages sigmoid probabilities over models and (optionally) horizontal-flip TTA. On a
     CUDA device the models run in channels_last with float16 autocast (AMP), as in training;
-    on the CPU in float32 (bit-for-bit reproducible)."""
+    on the CPU in float32 (bit-for-bit reproducible).
+
+    Models of several ensemble members (the ``member`` of each model file's meta) are averaged
+    within each member at that member's size, resized (bilinear) to the size of the first
+    file's member and combined with ``weights`` (member -> weight; None: equal weights), as
+    ``thresholds`` combined their OOF maps."""
 
     def __init__(
         self,
@@ -75,6 +90,7 @@ class Ensemble:
         batch_size: int = 16,
         tta_scales: Iterable[float] = (),
         tta_gammas: Iterable[float] = (),
+        weights: Mapping[str, float] | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.files = [Path(f) for f in files]
@@ -85,11 +101,18 @@ class Ensemble:
         loaded = [load_model_file(f, self.device) for f in self.files]
         self.models = [m.to(memory_format=self.memory_format) for m, _ in loaded]
         self.metas = [meta for _, meta in loaded]
-        sizes = {m["size"] for m in self.metas}
+        self.groups: dict[str, list[int]] = {}  # member -> indices of its models
+        for i, meta in enumerate(self.metas):
+            self.groups.setdefault(str(meta.get("member") or MAIN), []).append(i)
+        self.sizes = {
+            name: {self.metas[i]["size"] for i in idx} for name, idx in self.groups.items()
+        }
         channels = {m["in_channels"] for m in self.metas}
-        if len(sizes) != 1 or len(channels) != 1:
-            raise ModelError(f"ensemble: models disagree on size {sizes} or channels {channels}")
-        self.size = sizes.pop()
+        uneven = {name: sorted(s) for name, s in self.sizes.items() if len(s) != 1}
+        if uneven or len(channels) != 1:
+            raise ModelError(f"ensemble: models disagree on size {uneven} or channels {channels}")
+        self.size = next(iter(self.sizes[next(iter(self.groups))]))
+        self.weights = member_weights(list(self.groups), weights)
         self.in_channels = channels.pop()
         self.has_cls = all(m.get("classification_head") for m in self.metas)
         self.tta_hflip = tta_hflip
@@ -98,10 +121,14 @@ class Ensemble:
 
     @classmethod
     def of(
-        cls, files: Iterable[str | Path], oof: OofParams, device: str | torch.device | None = None
+        cls,
+        files: Iterable[str | Path],
+        oof: OofParams,
+        device: str | torch.device | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> Ensemble:
         """The ensemble with the TTA and batch size of the ``oof`` section (what OOF, submit,
-        predict and serving all use)."""
+        predict and serving all use) and the member ``weights`` of ``postprocess.json``."""
         return cls(
             files,
             oof.tta_hflip,
@@ -109,25 +136,29 @@ class Ensemble:
             oof.batch_size,
             tta_scales=oof.tta_scales,
             tta_gammas=oof.tta_gammas,
+            weights=weights,
         )
 
     def describe(self) -> dict[str, Any]:
         return {
             "files": [str(f) for f in self.files],
             "size": self.size,
+            "member_weights": self.weights,
             "tta_hflip": self.tta_hflip,
             "tta_scales": self.tta_scales,
             "tta_gammas": self.tta_gammas,
             "mlflow_run_ids": sorted({str(m.get("mlflow_run_id")) for m in self.metas}),
         }
 
-    def views(self, images: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, float, bool]]:
-        """Every TTA view of a batch: (input, scale, flipped). The plain view, each rescale and
-        each gamma curve, each also flipped with ``tta_hflip``."""
+    def views(
+        self, images: list[np.ndarray], size: int
+    ) -> Iterator[tuple[torch.Tensor, float, bool]]:
+        """Every TTA view of a batch at ``size``: (input, scale, flipped). The plain view, each
+        rescale and each gamma curve, each also flipped with ``tta_hflip``."""
         plain = [
             image
-            if image.shape == (self.size, self.size)
-            else cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+            if image.shape == (size, size)
+            else cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
             for image in images
         ]
         variants: list[tuple[list[np.ndarray], float]] = [(plain, 1.0)]
@@ -138,7 +169,7 @@ class Ensemble:
         for batch, scale in variants:
             x = torch.stack([to_tensor(image, self.in_channels) for image in batch])
             if scale != 1.0:
-                side = max(32, round(self.size * scale / 32) * 32)
+                side = max(32, round(size * scale / 32) * 32)
                 x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear")
             x = x.to(self.device, memory_format=self.memory_format)
             for flip in [False, True] if self.tta_hflip else [False]:
@@ -150,11 +181,29 @@ class Ensemble:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Probability maps (B, out, out) float32 and classifier probabilities (B,) or None."""
         out_size = out_size or self.size
-        probs = torch.zeros((len(images), 1, self.size, self.size), device=self.device)
+        probs = np.zeros((len(images), out_size, out_size), dtype=np.float32)
+        cls_out = np.zeros(len(images), dtype=np.float32) if self.has_cls else None
+        for member, indices in self.groups.items():
+            p, c = self._predict_member(images, indices, next(iter(self.sizes[member])))
+            if p.shape[-1] != out_size:
+                p = np.stack(
+                    [cv2.resize(m, (out_size, out_size), interpolation=cv2.INTER_LINEAR) for m in p]
+                )
+            weight = np.float32(self.weights[member])
+            probs += p if len(self.groups) == 1 else p * weight
+            if cls_out is not None and c is not None:
+                cls_out += c if len(self.groups) == 1 else c * weight
+        return probs, cls_out
+
+    def _predict_member(
+        self, images: list[np.ndarray], indices: list[int], size: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The mean over one member's models and TTA views, at its ``size``."""
+        probs = torch.zeros((len(images), 1, size, size), device=self.device)
         cls_sum = torch.zeros((len(images), 1), device=self.device)
         amp = torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda)
-        n, views = 0, list(self.views(images))
-        for model in self.models:
+        n, views = 0, list(self.views(images, size))
+        for model in (self.models[i] for i in indices):
             for x, scale, flip in views:
                 with amp:
                     logits, cls = forward(model, x)
@@ -165,13 +214,8 @@ class Ensemble:
                 if cls is not None:
                     cls_sum += torch.sigmoid(cls.float())
                 n += 1
-        out = (probs / n)[:, 0].cpu().numpy()
-        if out_size != self.size:
-            out = np.stack(
-                [cv2.resize(p, (out_size, out_size), interpolation=cv2.INTER_LINEAR) for p in out]
-            )
-        cls_out = (cls_sum / n)[:, 0].cpu().numpy() if self.has_cls else None
-        return out.astype(np.float32), cls_out
+        out = (probs / n)[:, 0].cpu().numpy().astype(np.float32)
+        return out, (cls_sum / n)[:, 0].cpu().numpy() if self.has_cls else None
 
     def predict_batches(
         self, images: Iterable[tuple[Any, np.ndarray]], out_size: int | None = None
@@ -187,6 +231,20 @@ class Ensemble:
                 keys, batch = [], []
         if batch:
             yield (keys, *self.predict(batch, out_size))
+
+
+def member_weights(members: list[str], weights: Mapping[str, float] | None) -> dict[str, float]:
+    """Each member's weight, summing to 1 (``None``: equal); a one-line error when the weights
+    and the models' members differ."""
+    if weights is None:
+        return {name: 1 / len(members) for name in members}
+    if set(weights) != set(members):
+        raise ModelError(
+            f"ensemble: member weights for {sorted(weights)} but models of {sorted(members)} "
+            "(rerun `dvc repro thresholds` after changing ensemble.members)"
+        )
+    total = sum(weights.values())
+    return {name: weights[name] / total for name in members}
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

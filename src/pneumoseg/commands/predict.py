@@ -89,7 +89,9 @@ def load_model(params: Params, model: str | None, device: str | None = None) -> 
                 f"--model {model}: neither an MLflow model folder (MLmodel) nor a models/ "
                 "folder (folds/fold<k>/model.pt + postprocess.json)"
             )
-        members = ensemble_members(folder / "folds", params.train.folds, params.oof.checkpoints)
+        members = ensemble_members(
+            folder / "folds", params.train.folds, params.oof.checkpoints, params.ensemble.members
+        )
         files = [f for _, f in members]
         description = {"model": str(folder), "files": [str(f) for f in files]}
         return build_bundle(files, post, params, description, device)

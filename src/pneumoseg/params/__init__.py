@@ -29,11 +29,13 @@ from pneumoseg.params.declared import (
 )
 from pneumoseg.params.errors import ParamsError, format_validation_error
 from pneumoseg.params.keys import MISSING, flatten, get_path, nest, set_path
+from pneumoseg.params.members import MAIN, MemberParams, member_dir, member_train
 from pneumoseg.params.schema import Params, check_study
 from pneumoseg.params.sections import (
     ClaheParams,
     DataParams,
     DemoParams,
+    EnsembleParams,
     EvaluateParams,
     MlflowParams,
     OofParams,
@@ -62,6 +64,7 @@ from pneumoseg.params.train import (
 
 __all__ = [
     "EXEMPT_KEYS",
+    "MAIN",
     "MISSING",
     "STAGE_PARAMS",
     "AppliedStudy",
@@ -71,10 +74,12 @@ __all__ = [
     "DataParams",
     "DemoParams",
     "EMAParams",
+    "EnsembleParams",
     "Distribution",
     "EvaluateParams",
     "LossParams",
     "MlflowParams",
+    "MemberParams",
     "ModelParams",
     "OofParams",
     "OptimizerParams",
@@ -100,6 +105,8 @@ __all__ = [
     "format_validation_error",
     "get_path",
     "load_params",
+    "member_dir",
+    "member_train",
     "nest",
     "read_keys",
     "set_path",

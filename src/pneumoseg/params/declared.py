@@ -16,6 +16,9 @@ THRESHOLD_SEARCH = (
     "thresholds.group_by",
 )
 
+# How ensemble members are weighted: thresholds fits the weights, evaluate cross-fits the fit.
+MEMBER_WEIGHTS = ("ensemble.weights", "ensemble.weight_step")
+
 # What each DVC stage reads, besides the paths that dvc.yaml interpolates (``${data.size}`` in a
 # dep or out makes DVC track that key through the path). dvc.yaml lists exactly these keys
 # under each stage's ``params:``; tests/test_declarations.py runs every stage with a params
@@ -56,6 +59,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "train.parts",
     ),
     "oof": (
+        "ensemble.members",
         "oof.size",
         "oof.tta_hflip",
         "oof.tta_scales",
@@ -64,11 +68,18 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "oof.batch_size",
         "train.folds",
     ),
-    "thresholds": THRESHOLD_SEARCH,
-    "evaluate": ("evaluate.bootstrap", "evaluate.gallery", *THRESHOLD_SEARCH, "provenance.studies"),
+    "thresholds": (*MEMBER_WEIGHTS, *THRESHOLD_SEARCH),
+    "evaluate": (
+        "evaluate.bootstrap",
+        "evaluate.gallery",
+        *MEMBER_WEIGHTS,
+        *THRESHOLD_SEARCH,
+        "provenance.studies",
+    ),
     "register": (
         "registry.auto_promote",
         "train.folds",
+        "ensemble.members",
         "oof.tta_hflip",
         "oof.tta_scales",
         "oof.tta_gammas",
@@ -83,6 +94,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "submit": (
         "submit.dialect",
         "train.folds",
+        "ensemble.members",
         "oof.tta_hflip",
         "oof.tta_scales",
         "oof.tta_gammas",
@@ -90,6 +102,10 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "oof.batch_size",
     ),
 }
+
+# An ensemble member's stage (member@<name>-<fold>) reads what train@<fold> reads, and its own
+# ensemble.members.<name> (declared in dvc.yaml through ${item.member}).
+STAGE_PARAMS["member"] = STAGE_PARAMS["train"]
 
 # Keys a stage may read without declaring them, because they cannot change its result. Each
 # one is a decision, with its reason (README "Parameters" shows this table).

@@ -11,10 +11,12 @@ from pydantic import Field, ValidationError, model_validator
 
 from pneumoseg.params.errors import format_validation_error
 from pneumoseg.params.keys import MISSING, get_path, set_path
+from pneumoseg.params.members import check_member
 from pneumoseg.params.sections import (
     ArraysParams,
     DataParams,
     DemoParams,
+    EnsembleParams,
     EvaluateParams,
     MlflowParams,
     OofParams,
@@ -37,6 +39,7 @@ class Params(Strict):
     arrays: ArraysParams = ArraysParams()
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
+    ensemble: EnsembleParams = EnsembleParams()
     oof: OofParams = OofParams()
     thresholds: ThresholdsParams = ThresholdsParams()
     evaluate: EvaluateParams = EvaluateParams()
@@ -52,6 +55,10 @@ class Params(Strict):
         bad = [f for f in self.train.folds if f >= self.split.n_folds]
         if bad:
             raise ValueError(f"train.folds: {bad} must be < split.n_folds={self.split.n_folds}")
+        if self.ensemble.members:
+            train = self.train.model_dump(mode="json")
+            for name, overrides in self.ensemble.members.items():
+                check_member(name, overrides, train)
         for name, study in self.studies.items():
             check_study(self, name, study)
         return self
@@ -66,7 +73,7 @@ def check_study(params: Params, name: str, study: StudyParams) -> None:
     bad = [f for f in study.folds if f >= params.split.n_folds]
     if bad:
         raise ValueError(f"{where}.folds: {bad} must be < split.n_folds={params.split.n_folds}")
-    base = params.model_dump(mode="json", exclude={"studies"}) | {"studies": {}}
+    base = params.model_dump(mode="json", exclude={"studies", "ensemble"}) | {"studies": {}}
     base["train"]["parts"] = base["train"]["parts"][: study.parts]
     budgeted = json.loads(json.dumps(base))
     for path, value in study.budget.items():

@@ -4,7 +4,7 @@ partial params file behaves like the shipped one."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -87,6 +87,19 @@ class OofParams(Strict):
 
 
 Range = tuple[float, float]
+
+
+class EnsembleParams(Strict):
+    """Further models trained on the same folds (``member@<name>-<fold>`` stages) and how their
+    out-of-fold maps are combined with the ``train`` section's models (member ``main``)."""
+
+    # name -> a partial train section deep-merged into ``train`` (lists such as ``parts``
+    # are replaced whole), e.g. {fpn: {model: {arch: FPN}}}; empty: one model per fold
+    members: dict[str, dict[str, Any]] = {}
+    # fitted: member weights maximising the Kaggle score on the OOF maps (cross-fitted by
+    # evaluate); equal: the plain mean
+    weights: Literal["fitted", "equal"] = "fitted"
+    weight_step: float = Field(0.1, gt=0, le=0.5)  # grid spacing of the weights searched
 
 
 class ThresholdSpace(Strict):

@@ -38,6 +38,15 @@ empty. :class:`TripletScorer` reproduces :func:`kaggle_dice_naive` exactly (same
 same float formula) from per-image cumulative histograms.
 """
 
+from pneumoseg.postprocess.blend import (
+    WeightedMaps,
+    WeightFit,
+    blended_scorer,
+    fit_oof_weights,
+    fit_weights,
+    oof_members,
+    weight_grid,
+)
 from pneumoseg.postprocess.scorer import (
     N_LEVELS,
     TripletScorer,
@@ -72,13 +81,19 @@ __all__ = [
     "SearchSettings",
     "Triplet",
     "TripletScorer",
+    "WeightFit",
+    "WeightedMaps",
     "apply_triplet",
+    "blended_scorer",
     "exhaustive_best",
+    "fit_oof_weights",
+    "fit_weights",
     "gate_levels",
     "group_labels",
     "grouped_dice",
     "kaggle_dice_naive",
     "level",
+    "oof_members",
     "oof_scorer",
     "scale_area",
     "score_grouped",
@@ -88,4 +103,5 @@ __all__ = [
     "suggest_triplet",
     "triplet_from_params",
     "tune",
+    "weight_grid",
 ]

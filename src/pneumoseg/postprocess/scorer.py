@@ -344,16 +344,22 @@ def exhaustive_best(
 
 
 def oof_scorer(
-    oof_dir: str | Path, processed_dir: str | Path
+    oof_dir: str | Path, processed_dir: str | Path, weights: Mapping[str, float] | None = None
 ) -> tuple[TripletScorer, list[tuple[str, int]], dict[str, dict[str, str]]]:
     """A scorer over the OOF maps of ``oof_dir`` (native widths from the manifest), the
-    (ImageId, fold) of every row and the manifest."""
+    (ImageId, fold) of every row and the manifest. With ensemble members in the OOF set, the
+    maps are their mean with ``weights`` (None: equal weights; see :mod:`.blend`)."""
     from pneumoseg.artifacts import load_oof, read_manifest
+    from pneumoseg.postprocess.blend import blended_scorer, oof_members
 
     oof = load_oof(oof_dir)
     manifest = read_manifest(processed_dir)
     native = np.array([int(manifest[i]["width"]) for i, _ in oof.ids])
-    return TripletScorer(oof.probs, oof.masks, native, oof.cls), oof.ids, manifest
+    if not oof.members:
+        return TripletScorer(oof.probs, oof.masks, native, oof.cls), oof.ids, manifest
+    maps, cls = oof_members(oof)
+    weights = weights or {name: 1.0 for name in maps}
+    return blended_scorer(maps, oof.masks, native, cls, weights), oof.ids, manifest
 
 
 def group_labels(

@@ -123,6 +123,8 @@ class PostProcess:
     default: Triplet
     group_by: str | None = None
     groups: dict[str, Triplet] = field(default_factory=dict)
+    # ensemble members' weights (``member_weights``), None for one member
+    weights: dict[str, float] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> PostProcess:
@@ -132,14 +134,16 @@ class PostProcess:
             data = json.loads(path.read_text())
             default = Triplet(**{f: data[f] for f in Triplet.__dataclass_fields__})
             groups = {g: Triplet(**t) for g, t in (data.get("groups") or {}).items()}
+            weights = data.get("member_weights")
+            weights = None if weights is None else {str(k): float(v) for k, v in weights.items()}
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: not found (run `pneumoseg thresholds`)") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(
                 f"{path}: not a valid postprocess.json ({type(exc).__name__}: {exc}); restore "
                 "it with `dvc checkout` or rerun `dvc repro -f -s thresholds`"
             ) from None
-        return cls(default, data.get("group_by"), groups)
+        return cls(default, data.get("group_by"), groups, weights)
 
     def triplet(self, meta: Mapping[str, Any]) -> Triplet:
         """The triplet of an image with manifest/DICOM fields ``meta``."""
@@ -161,6 +165,8 @@ class PostProcess:
         if self.group_by is not None:
             out["group_by"] = self.group_by
             out["groups"] = {g: asdict(t) for g, t in self.groups.items()}
+        if self.weights is not None:
+            out["member_weights"] = dict(self.weights)
         return out
 
 

@@ -85,8 +85,8 @@ def build_bundle(
     from pneumoseg.postprocess import PostProcess
 
     oof = params.oof
-    ensemble = Ensemble.of(files, oof, device=device)
     post = PostProcess.load(postprocess)
+    ensemble = Ensemble.of(files, oof, device=device, weights=post.weights)
     return Bundle(
         ensemble=ensemble,
         post=post,

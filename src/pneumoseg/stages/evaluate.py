@@ -15,11 +15,17 @@ from typing import Any
 import numpy as np
 
 from pneumoseg.arrays import read_gray
-from pneumoseg.artifacts import image_path, read_folds, read_oof_models
+from pneumoseg.artifacts import (
+    image_path,
+    load_oof,
+    read_folds,
+)
 from pneumoseg.evaluation import (
     bootstrap_ci,
     cross_fitted,
     decisions,
+    members_cross_fitted,
+    selection_records,
     untouched,
     untouched_reason,
 )
@@ -50,10 +56,12 @@ def scored(dice: np.ndarray | None, bootstrap: int) -> dict[str, Any]:
 
 def run(params: Params, progress: bool = True) -> dict[str, Any]:
     """CLI/DVC entry: write ``evaluate.out`` and plots, log them to MLflow."""
-    cfg = params.evaluate
-    scorer, ids, manifest = oof_scorer(params.oof.out_dir, params.data.processed_dir)
+    cfg, mode, step = params.evaluate, params.ensemble.weights, params.ensemble.weight_step
     post = PostProcess.load(params.thresholds.out)
+    scorer, ids, manifest = oof_scorer(params.oof.out_dir, params.data.processed_dir, post.weights)
     settings = SearchSettings.of(params.thresholds, scorer.has_cls)
+    oof = load_oof(params.oof.out_dir)
+    compared = len(oof.members) + (3 if mode == "fitted" else 2) if oof.members else 1
     tracker = Tracker(params.mlflow)
     tracker.start("evaluate", {"stage": "evaluate"})
     dice = post.per_image(scorer, group_labels(post.group_by, ids, manifest))
@@ -61,19 +69,25 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     positive = scorer.gt > 0
     n_searches = len(np.unique(folds)) if len(np.unique(folds)) > 1 else 0
     bar = progress_bar(
-        total=n_searches * settings.trials, desc="evaluate: cross-fitting", unit="trial",
-        bars_allowed=progress,
+        total=n_searches * settings.trials * compared, desc="evaluate: cross-fitting",
+        unit="trial", bars_allowed=progress,
     )  # fmt: skip
-    cf_dice, cf_tuned = cross_fitted(
-        scorer, folds, settings, group_labels(settings.group_by, ids, manifest), bar.update
-    )
+    labels = group_labels(settings.group_by, ids, manifest)
+    native = np.array([int(manifest[i]["width"]) for i, _ in ids])
+    by_member = None
+    if oof.members:
+        by_member = members_cross_fitted(oof, native, settings, mode, step, labels, bar.update)
+        cf_dice, cf_tuned = by_member["weighted"]
+    else:
+        cf_dice, cf_tuned = cross_fitted(scorer, folds, settings, labels, bar.update)
     bar.close()
     found = decisions(
         ids,
-        read_oof_models(params.oof.out_dir),
+        selection_records(params.oof.out_dir, oof),
         params.provenance.studies,
         read_folds(params.split.out),
         settings,
+        mode if oof.members else None,
     )
     clean = untouched(ids, found)
     tuned, cf = scored(dice, cfg.bootstrap), scored(cf_dice, cfg.bootstrap)
@@ -115,6 +129,16 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         "per_fold": {},
         "mlflow_run_id": tracker.run_id,
     }
+    if by_member is not None:
+        result["ensemble"] = {
+            "member_weights": post.weights,
+            "weights": mode,
+            "cross_fitted": {
+                name: scored(dice_k, cfg.bootstrap)
+                | {"untouched": scored(None if dice_k is None else dice_k[clean], 0)["mean"]}
+                for name, (dice_k, _) in by_member.items()
+            },
+        }
     for k in np.unique(folds):
         idx = folds == k
         result["per_fold"][str(int(k))] = {
@@ -160,4 +184,12 @@ def summary_line(result: dict[str, Any], out: Path) -> str:
         f"{fmt('kaggle_dice_cross_fitted')}, untouched {fmt('kaggle_dice_untouched')} "
         f"[{result['n_untouched']} images]; empty baseline {result['empty_baseline']:.4f}, "
         f"dice_pos {result['dice_pos']:.4f} -> {out}"
+    ) + "".join(
+        f"\n  cross-fitted {name}: {fmt_score(entry['mean'])}, untouched "
+        f"{fmt_score(entry['untouched'])}"
+        for name, entry in (result.get("ensemble") or {}).get("cross_fitted", {}).items()
     )
+
+
+def fmt_score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

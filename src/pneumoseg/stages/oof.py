@@ -1,17 +1,22 @@
 """Stage ``oof``: predict every training image with the model of the fold that did not train
 on it (see :mod:`pneumoseg.artifacts` for the files). The maps are at the size the models
 predict (``oof.size: null``), the size at which submit and predict resize their probabilities
-to the native resolution, so thresholds are tuned on exactly what inference thresholds."""
+to the native resolution, so thresholds are tuned on exactly what inference thresholds.
+
+With ``ensemble.members``, each member's maps are written too (``<oof>/members/<name>/``),
+resized to the same size (members may train at other sizes); ``thresholds`` combines them."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pneumoseg.arrays import read_gray
 from pneumoseg.artifacts import (
+    MEMBERS_DIR,
     image_path,
     mask_path,
     open_oof_arrays,
@@ -22,7 +27,7 @@ from pneumoseg.artifacts import (
 )
 from pneumoseg.files import staged_dir
 from pneumoseg.inference import Ensemble, fold_model_files, to_uint8_probs
-from pneumoseg.params import Params
+from pneumoseg.params import Params, member_dir
 from pneumoseg.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -39,32 +44,38 @@ def run(params: Params, progress: bool = True) -> Path:
     untrained = sorted({f for f, _ in folds.values()} - set(trained))
     if untrained:
         log.info("oof: folds %s are not trained; their images are left out", untrained)
-    ensembles = {
-        k: Ensemble.of(fold_model_files(params.train.models_dir, k, cfg.checkpoints), cfg)
-        for k in trained
+    models_dirs = {None: params.train.models_dir} | {
+        name: member_dir(params.train.models_dir, name) for name in params.ensemble.members
     }
-    size = cfg.size or ensembles[trained[0]].size
+    size = cfg.size
     out = Path(cfg.out_dir)
     with staged_dir(out) as work:  # a kill or a full disk leaves the previous maps whole
-        write_maps(work, ensembles, order, processed, size, progress)
+        for member, models_dir in models_dirs.items():
+            ensembles = {
+                k: Ensemble.of(fold_model_files(models_dir, k, cfg.checkpoints), cfg)
+                for k in trained
+            }
+            size = size or ensembles[trained[0]].size  # the train section's models' size
+            folder = work if member is None else work / MEMBERS_DIR / member
+            write_maps(folder, ensembles, order, processed, size, progress, member is None)
+            write_oof_models(folder, {k: record(e) for k, e in ensembles.items()})
         write_oof_ids(work, order)
         missing = write_learning_curves(work, params.train.models_dir, trained)
         if missing:
             log.warning("oof: folds %s have no history.csv (trained before it was kept); "
                         "their learning curves are left out", missing)  # fmt: skip
-        write_oof_models(
-            work,
-            {
-                k: {
-                    "files": [str(f) for f in e.files],
-                    "selection": e.metas[0].get("selection", {"mode": "held_out"}),
-                    "mlflow_run_id": e.metas[0].get("mlflow_run_id"),
-                }
-                for k, e in ensembles.items()
-            },
-        )
-    print(f"oof: {len(order)} images from folds {trained} at {size}px -> {out}/probs.npy")
+    members = f" and members {list(params.ensemble.members)}" if params.ensemble.members else ""
+    print(f"oof: {len(order)} images from folds {trained}{members} at {size}px -> {out}/probs.npy")
     return out
+
+
+def record(ensemble: Ensemble) -> dict[str, Any]:
+    """What evaluate's provenance needs of one fold's models."""
+    return {
+        "files": [str(f) for f in ensemble.files],
+        "selection": ensemble.metas[0].get("selection", {"mode": "held_out"}),
+        "mlflow_run_id": ensemble.metas[0].get("mlflow_run_id"),
+    }
 
 
 def write_maps(
@@ -74,26 +85,34 @@ def write_maps(
     processed: str,
     size: int,
     progress: bool,
+    with_masks: bool = True,
 ) -> None:
-    """``probs.npy``, ``masks.npy`` (and ``cls.npy``) of the images in ``order``."""
-    probs, masks = open_oof_arrays(out, len(order), size)
+    """``probs.npy`` (and ``cls.npy``), with ``with_masks`` also ``masks.npy``, of the images
+    in ``order``."""
+    names = ("probs.npy", "masks.npy") if with_masks else ("probs.npy",)
+    arrays = open_oof_arrays(out, len(order), size, names)
+    probs = arrays[0]
     has_cls = all(e.has_cls for e in ensembles.values())
     cls_all = np.zeros(len(order), dtype=np.uint8) if has_cls else None
-    bar = progress_bar(total=len(order), desc="oof", bars_allowed=progress)
+    bar = progress_bar(
+        total=len(order), desc="oof" if with_masks else f"oof {out.name}", bars_allowed=progress
+    )
     row = 0
     for k, ensemble in ensembles.items():
         images = ((i, read_gray(image_path(processed, i))) for i, f in order if f == k)
         for keys, p, cls in ensemble.predict_batches(images, size):
             probs[row : row + len(keys)] = to_uint8_probs(p)
             for j, image_id in enumerate(keys):
-                masks[row + j] = read_gray(mask_path(processed, image_id), size, mask=True) > 127
+                if with_masks:
+                    mask = read_gray(mask_path(processed, image_id), size, mask=True)
+                    arrays[1][row + j] = mask > 127
             if cls is not None and cls_all is not None:
                 cls_all[row : row + len(keys)] = to_uint8_probs(cls)
             row += len(keys)
             bar.update(len(keys))
     bar.close()
-    probs.flush()
-    masks.flush()
-    del probs, masks
+    for array in arrays:
+        array.flush()
+    del probs, arrays
     if cls_all is not None:
         np.save(out / "cls.npy", cls_all)

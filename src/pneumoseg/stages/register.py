@@ -16,7 +16,7 @@ from pneumoseg.artifacts import output_dialect
 from pneumoseg.files import read_json, write_json
 from pneumoseg.lineage import lineage_tags
 from pneumoseg.locks import store_lock
-from pneumoseg.params import Params, digest, flatten, stage_values
+from pneumoseg.params import MAIN, Params, digest, flatten, stage_values
 from pneumoseg.serving.package import package_digest
 from pneumoseg.tracking import Tracker, fluent_run, scoped_env, tracking_uri
 
@@ -37,7 +37,9 @@ def ensemble_files(params: Params) -> list[tuple[str, Path]]:
 
     cfg = params.train
     try:
-        return ensemble_members(cfg.models_dir, cfg.folds, params.oof.checkpoints)
+        return ensemble_members(
+            cfg.models_dir, cfg.folds, params.oof.checkpoints, params.ensemble.members
+        )
     except ModelError as exc:
         raise RegisterError(str(exc)) from None
 
@@ -49,13 +51,16 @@ def lineage(params: Params) -> dict[str, Any]:
 
     evaluation = read_json(params.evaluate.out, "run `pneumoseg evaluate` first")
     post = read_json(params.thresholds.out, "run `pneumoseg thresholds` first")
-    runs: dict[int, str] = {}
+    runs: dict[str, str] = {}  # fold<k> (member main) or <member>-fold<k>
     data_hashes: set[str] = set()
     training_hashes: set[str] = set()
     for name, path in ensemble_files(params):
         meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
-        fold = int(meta.get("fold", name.removeprefix("fold").split("_")[0]))
-        runs.setdefault(fold, str(meta.get("mlflow_run_id") or ""))
+        member = meta.get("member") or MAIN
+        fold = f"fold{meta.get('fold', name.split('fold')[-1].split('_')[0])}"
+        runs.setdefault(
+            fold if member == MAIN else f"{member}-{fold}", str(meta.get("mlflow_run_id") or "")
+        )
         data_hashes.add(str(meta.get("data_hash", "unknown")))
         training_hashes.add(str(meta.get("params_hash", "unknown")))
     own = stage_values(params, "register")  # submit.dialect as the package will write it:
@@ -100,7 +105,7 @@ def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str,
         "model_digest": info["model_digest"],
     }
     for k, rid in info["training_runs"].items():
-        tags[f"training_run_fold{k}"] = rid
+        tags[f"training_run_{k}"] = rid
     return tags
 
 

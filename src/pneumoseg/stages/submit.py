@@ -35,8 +35,10 @@ def run(params: Params, progress: bool = True) -> Path:
     test = sorted(i for i, r in manifest.items() if r["split"] == "test")
     post = PostProcess.load(params.thresholds.out)
     cfg = params.train
-    files = [f for _, f in ensemble_members(cfg.models_dir, cfg.folds, params.oof.checkpoints)]
-    ens = Ensemble.of(files, params.oof)
+    members = ensemble_members(
+        cfg.models_dir, cfg.folds, params.oof.checkpoints, params.ensemble.members
+    )
+    ens = Ensemble.of([f for _, f in members], params.oof, weights=post.weights)
     items = (
         (i, read_gray(image_path(processed, i)), native_size(manifest[i]), manifest[i])
         for i in test

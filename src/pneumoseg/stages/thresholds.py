@@ -5,6 +5,10 @@ is kept, see :func:`pneumoseg.postprocess.select_triplets`) and write ``postproc
 The study lives in a persistent storage and is named after the OOF data and the search
 settings, so a killed run continues the same study while a new model gets a new one.
 ``evaluate`` cross-fits this same procedure (:func:`pneumoseg.postprocess.tune`).
+
+With ensemble members in the OOF set, their weights come first (``ensemble.weights``: fitted on
+the OOF maps, see :mod:`pneumoseg.postprocess.blend`, or equal) and the triplet is tuned on the
+weighted maps; ``postprocess.json`` carries the weights to submit, register and predict.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pneumoseg.artifacts import MEMBERS_DIR
 from pneumoseg.files import write_json
 from pneumoseg.lineage import worker_id
 from pneumoseg.params import Params
 from pneumoseg.plots import threshold_heatmap
 from pneumoseg.postprocess import (
     SearchSettings,
+    fit_oof_weights,
     group_labels,
     oof_scorer,
     search_objective,
@@ -54,15 +60,51 @@ METRIC_KEYS = (
 )
 
 
-def study_name(oof_dir: str, settings: SearchSettings) -> str:
-    """``thresholds-<hash of the OOF maps and the search definition>``."""
+def study_name(
+    oof_dir: str, settings: SearchSettings, weights: dict[str, float] | None = None
+) -> str:
+    """``thresholds-<hash of the OOF maps, the member weights and the search definition>``."""
     h = hashlib.sha256()
-    for name in ("ids.csv", "probs.npy", "masks.npy"):
-        with (Path(oof_dir) / name).open("rb") as fh:
+    members = sorted(Path(oof_dir).glob(f"{MEMBERS_DIR}/*/probs.npy"))
+    for path in [Path(oof_dir) / n for n in ("ids.csv", "probs.npy", "masks.npy")] + members:
+        with path.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
     h.update(json.dumps([settings.space, settings.group_by, settings.seed]).encode())
+    if weights is not None:
+        h.update(json.dumps(weights, sort_keys=True).encode())
     return f"thresholds-{h.hexdigest()[:10]}"
+
+
+def member_weights(params: Params) -> tuple[dict[str, float] | None, dict[str, Any]]:
+    """The members' weights (None without members) and what the fit found: each grid
+    candidate's exhaustive optimum on all OOF images (``member_weight_fit``)."""
+    mode, step = params.ensemble.weights, params.ensemble.weight_step
+    everything = {"all": None}
+    fits = fit_oof_weights(
+        params.oof.out_dir, params.data.processed_dir, params.thresholds, step, lambda _: everything
+    )
+    if not fits:
+        return None, {}
+    fit = fits["all"]
+    names = list(fit.weights)
+    weights = fit.weights if mode == "fitted" else {n: 1 / len(names) for n in names}
+    report = {
+        "mode": mode,
+        "step": step,
+        "score": fit.score if mode == "fitted" else fit.equal,
+        "equal": fit.equal,
+        "alone": {n: fit.alone(n) for n in names},
+        "candidates": fit.candidates,
+    }
+    print(
+        f"thresholds: member weights ({mode}) "
+        + ", ".join(f"{n} {w:.2f}" for n, w in weights.items())
+        + f": grid optimum {report['score']:.4f} (equal {fit.equal:.4f}; alone "
+        + ", ".join(f"{n} {v:.4f}" for n, v in report["alone"].items())
+        + ")"
+    )
+    return weights, {"member_weight_fit": report}
 
 
 def run(params: Params, progress: bool = True) -> dict[str, Any]:
@@ -70,10 +112,11 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     import optuna
 
     cfg = params.thresholds
-    scorer, ids, manifest = oof_scorer(params.oof.out_dir, params.data.processed_dir)
+    weights, weight_report = member_weights(params)
+    scorer, ids, manifest = oof_scorer(params.oof.out_dir, params.data.processed_dir, weights)
     settings = SearchSettings.of(cfg, scorer.has_cls)
     groups = group_labels(settings.group_by, ids, manifest)
-    name = study_name(params.oof.out_dir, settings)
+    name = study_name(params.oof.out_dir, settings, weights)
     storage_url = resolve_storage(cfg.storage)
     study = optuna.create_study(
         study_name=name,
@@ -120,9 +163,11 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     grids: dict[float | None, Any] = {}
     post, report = select_triplets(study, scorer, settings, groups, grids=grids)
+    post.weights = weights
     result: dict[str, Any] = {
         **post.as_dict(),
         **report,
+        **weight_report,
         "n_trials": len(study.trials),
         "size": scorer.size,
         "empty_baseline": scorer.empty_baseline(),
@@ -133,6 +178,8 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     write_json(out, result)
     metrics = {k: result.get(k) for k in METRIC_KEYS}
+    if weights is not None:
+        metrics["member_weights"] = weights
     if "exhaustive" in result:
         metrics["exhaustive_score"] = result["exhaustive"]["score"]
     write_json(cfg.metrics, metrics)

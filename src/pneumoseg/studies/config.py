@@ -117,7 +117,8 @@ def trial_params(
     """The params of one trial: ``params`` (its first ``cfg.parts`` parts) + the study budget +
     the trial's values, training only ``cfg.folds`` and writing into ``trial_dir`` (never the
     pipeline's outputs)."""
-    raw = params.model_dump(mode="json", exclude={"studies"}) | {"studies": {}}
+    # a trial trains the train section only (ensemble members are not searched)
+    raw = params.model_dump(mode="json", exclude={"studies", "ensemble"}) | {"studies": {}}
     raw["train"]["parts"] = raw["train"]["parts"][: cfg.parts]
     for path, value in [*cfg.budget.items(), *values.items()]:
         set_path(raw, path, value)

@@ -30,7 +30,7 @@ from pneumoseg.lineage import data_hash, dataset_inputs
 from pneumoseg.losses import ComboLoss
 from pneumoseg.metrics import SegMetrics
 from pneumoseg.models import build_model, forward
-from pneumoseg.params import Params, flatten, stage_digest, stage_values
+from pneumoseg.params import MAIN, Params, flatten, stage_digest, stage_values
 from pneumoseg.progress import progress_bar
 from pneumoseg.sampling import SampleRateSampler, sample_rate_at
 from pneumoseg.threads import ThreadShare
@@ -61,11 +61,14 @@ class FoldTrainer:
         parent_run_id: str | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         log_model: bool = True,
+        member: str = MAIN,
     ) -> None:
         """``parent_run_id`` nests the fold's MLflow run (study trials); ``on_epoch`` sees each
         epoch's history row (an exception it raises, e.g. a pruned trial, ends the run as
-        KILLED); ``log_model=False`` keeps the model files out of MLflow."""
+        KILLED); ``log_model=False`` keeps the model files out of MLflow; ``member``: the
+        ensemble member trained (``params`` then carry its train section)."""
         self.params, self.cfg, self.fold, self.progress = params, params.train, fold, progress
+        self.member = member
         self.parent_run_id = parent_run_id
         self.log_model = log_model
         self.dist = Dist.from_env()
@@ -142,10 +145,14 @@ class FoldTrainer:
             self.ema.load_state_dict(tstate["ema"])
         tags = {"stage": "train", "fold": str(self.fold), "params_hash": self.params_hash}
         tags["data_hash"] = self.data_hash
+        tags["ensemble_member"] = self.member
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         reopened = bool(self.state.mlflow_run_id)
-        run_id = self.tracker.start(f"train-fold{self.fold}", tags, self.state.mlflow_run_id)
+        member = "" if self.member == MAIN else f"{self.member}-"
+        run_id = self.tracker.start(
+            f"train-{member}fold{self.fold}", tags, self.state.mlflow_run_id
+        )
         if not reopened:  # a new run (its params wait if the store is down)
             self.state.mlflow_run_id = run_id
             self.tracker.log_params(flatten(stage_values(self.params, "train")))
@@ -379,6 +386,7 @@ class FoldTrainer:
             "norm": m.norm,
             "size": size,
             "fold": self.fold,
+            "member": self.member,
             "params_hash": self.params_hash,
             "data_hash": self.data_hash,
             "val_threshold": self.cfg.val_threshold,

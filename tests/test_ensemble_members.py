@@ -124,12 +124,15 @@ def test_an_ensemble_combines_members_at_the_first_members_size(tmp_path: Path) 
     images = [np.random.default_rng(i).integers(0, 255, (96, 96), dtype=np.uint8) for i in (1, 2)]
     alone = {n: Ensemble([f], device="cpu").predict(images)[0] for n, f in files.items()}
     assert alone["small"].shape == (2, 32, 32)
-    both = Ensemble([files["main"], files["small"]], device="cpu", weights={"main": 1, "small": 3})
+    pair = [files["main"], files["small"]]
+    both = Ensemble(pair, device="cpu", weights={"main": 1, "small": 3})
     assert both.size == 64
-    small_up = np.stack([cv2.resize(p, (64, 64), interpolation=cv2.INTER_LINEAR) for p in alone["small"]])
+    small_up = np.stack(
+        [cv2.resize(p, (64, 64), interpolation=cv2.INTER_LINEAR) for p in alone["small"]]
+    )
     expected = 0.25 * alone["main"] + 0.75 * small_up
     np.testing.assert_allclose(both.predict(images)[0], expected, atol=1e-6)
-    only_main = Ensemble([files["main"], files["small"]], device="cpu", weights={"main": 1, "small": 0})
+    only_main = Ensemble(pair, device="cpu", weights={"main": 1, "small": 0})
     np.testing.assert_array_equal(only_main.predict(images)[0], alone["main"])
     with pytest.raises(ValueError, match="member weights for"):
         Ensemble([files["main"]], device="cpu", weights={"main": 0.5, "small": 0.5})
@@ -141,11 +144,12 @@ def test_the_member_trains_on_the_same_folds_with_its_own_record(tiny_pipeline: 
 
     root = tiny_pipeline.path
     for k in (0, 1):
-        meta = torch.load(
-            root / f"models/folds/members/tiny/fold{k}/model.pt", weights_only=True
-        )["meta"]
+        meta = torch.load(root / f"models/folds/members/tiny/fold{k}/model.pt", weights_only=True)[
+            "meta"
+        ]
         assert (meta["member"], meta["size"], meta["fold"]) == ("tiny", 32, k)
-        assert meta["decoder_channels"] == TINY_MEMBER["members"]["tiny"]["model"]["decoder_channels"]
+        member = TINY_MEMBER["members"]["tiny"]
+        assert meta["decoder_channels"] == member["model"]["decoder_channels"]
         main = torch.load(root / f"models/folds/fold{k}/model.pt", weights_only=True)["meta"]
         assert (main["member"], main["size"]) == ("main", 64)
         assert meta["params_hash"] != main["params_hash"]
@@ -220,8 +224,9 @@ def test_adding_a_member_leaves_the_trained_folds_up_to_date(
     assert {"member@tiny-0", "member@tiny-1", "oof"} <= set(status)
     run(["dvc", "repro", "member@tiny-0"], cwd=project)
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert lock["member@tiny-0"]["params"]["params.yaml"]["ensemble.members.tiny"] == (
-        TINY_MEMBER["members"]["tiny"]
+    assert (
+        lock["member@tiny-0"]["params"]["params.yaml"]["ensemble.members.tiny"]
+        == (TINY_MEMBER["members"]["tiny"])
     )
     assert lock["member@tiny-0"]["cmd"] == "pneumoseg -q train --fold 0 --member tiny"
 

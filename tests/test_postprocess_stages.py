@@ -51,6 +51,12 @@ def test_postprocess_score_equals_naive_recomputation(trained: Path) -> None:
     post = json.loads((trained / "models/postprocess.json").read_text())
     t = Triplet(**{k: post[k] for k in Triplet.__dataclass_fields__})
     probs = np.load(trained / "oof/probs.npy")
+    weights = post.get("member_weights")
+    if weights:  # the tiny pipeline's two members: the maps tuned are their weighted mean
+        maps = {n: np.load(trained / f"oof/members/{n}/probs.npy") for n in weights if n != "main"}
+        maps["main"] = probs
+        mean = sum(maps[n].astype(np.float64) * w for n, w in weights.items())
+        probs = np.rint(mean).astype(np.uint8)  # (weights 1/2 here: exact in binary)
     masks = np.load(trained / "oof/masks.npy")
     manifest = {r["ImageId"]: r for r in rows(trained / "data/processed/manifest.csv")}
     native = np.array([int(manifest[r["ImageId"]]["width"]) for r in rows(trained / "oof/ids.csv")])

@@ -183,3 +183,27 @@ def fit_oof_weights(
     maps, cls = oof_members(oof)
     settings = SearchSettings.of(thresholds, all(c is not None for c in cls.values()))
     return fit_weights(maps, oof.masks, native, cls, settings, step, subsets(oof.folds))
+
+
+def deployed_weights(
+    oof_dir: str | Path, processed_dir: str | Path, thresholds: Any, mode: str, step: float
+) -> tuple[dict[str, float] | None, dict[str, Any]]:
+    """The weights ``thresholds`` deploys (``mode`` fitted: the fit on all OOF images; equal:
+    the plain mean; None without members) and ``{"member_weight_fit": report}`` (each grid
+    candidate's score, each member alone, the equal mean) for ``postprocess.json``."""
+    everything = {"all": None}
+    fits = fit_oof_weights(oof_dir, processed_dir, thresholds, step, lambda _: everything)
+    if not fits:
+        return None, {}
+    fit = fits["all"]
+    names = list(fit.weights)
+    weights = fit.weights if mode == "fitted" else {n: 1 / len(names) for n in names}
+    report = {
+        "mode": mode,
+        "step": step,
+        "score": fit.score if mode == "fitted" else fit.equal,
+        "equal": fit.equal,
+        "alone": {n: fit.alone(n) for n in names},
+        "candidates": fit.candidates,
+    }
+    return weights, {"member_weight_fit": report}

@@ -16,7 +16,7 @@ from pneumoseg.artifacts import output_dialect
 from pneumoseg.files import read_json, write_json
 from pneumoseg.lineage import lineage_tags
 from pneumoseg.locks import store_lock
-from pneumoseg.params import MAIN, Params, digest, flatten, stage_values
+from pneumoseg.params import Params, digest, flatten, stage_values
 from pneumoseg.serving.package import package_digest
 from pneumoseg.tracking import Tracker, fluent_run, scoped_env, tracking_uri
 
@@ -56,11 +56,8 @@ def lineage(params: Params) -> dict[str, Any]:
     training_hashes: set[str] = set()
     for name, path in ensemble_files(params):
         meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
-        member = meta.get("member") or MAIN
-        fold = f"fold{meta.get('fold', name.split('fold')[-1].split('_')[0])}"
-        runs.setdefault(
-            fold if member == MAIN else f"{member}-{fold}", str(meta.get("mlflow_run_id") or "")
-        )
+        member, _, index = name.rpartition("fold")  # <member>-fold<k>[_<j>] -> <member>-fold<k>
+        runs.setdefault(f"{member}fold{index.split('_')[0]}", str(meta.get("mlflow_run_id") or ""))
         data_hashes.add(str(meta.get("data_hash", "unknown")))
         training_hashes.add(str(meta.get("params_hash", "unknown")))
     own = stage_values(params, "register")  # submit.dialect as the package will write it:
@@ -104,9 +101,7 @@ def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str,
         "register_run_id": run_id,
         "model_digest": info["model_digest"],
     }
-    for k, rid in info["training_runs"].items():
-        tags[f"training_run_{k}"] = rid
-    return tags
+    return tags | {f"training_run_{k}": rid for k, rid in info["training_runs"].items()}
 
 
 def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, str]:
@@ -118,8 +113,7 @@ def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, str]:
 
     uri = tracking_uri(params.mlflow)
     tracker = Tracker(params.mlflow)
-    tags = {"stage": "register", "data_hash": info["data_hash"]}
-    tags["params_hash"] = info["params_hash"]
+    tags = {"stage": "register", "data_hash": info["data_hash"], "params_hash": info["params_hash"]}
     with store_lock(uri), registry.mlflow_errors("register"):
         if tracker.start("register", tags) is None:
             raise RegisterError("the MLflow tracking store cannot be reached (see above)")

@@ -28,7 +28,7 @@ from pneumoseg.params import Params
 from pneumoseg.plots import threshold_heatmap
 from pneumoseg.postprocess import (
     SearchSettings,
-    fit_oof_weights,
+    deployed_weights,
     group_labels,
     oof_scorer,
     search_objective,
@@ -77,34 +77,21 @@ def study_name(
 
 
 def member_weights(params: Params) -> tuple[dict[str, float] | None, dict[str, Any]]:
-    """The members' weights (None without members) and what the fit found: each grid
-    candidate's exhaustive optimum on all OOF images (``member_weight_fit``)."""
-    mode, step = params.ensemble.weights, params.ensemble.weight_step
-    everything = {"all": None}
-    fits = fit_oof_weights(
-        params.oof.out_dir, params.data.processed_dir, params.thresholds, step, lambda _: everything
+    """The members' weights (None without members) and the fit's report (printed)."""
+    weights, report = deployed_weights(
+        params.oof.out_dir,
+        params.data.processed_dir,
+        params.thresholds,
+        params.ensemble.weights,
+        params.ensemble.weight_step,
     )
-    if not fits:
-        return None, {}
-    fit = fits["all"]
-    names = list(fit.weights)
-    weights = fit.weights if mode == "fitted" else {n: 1 / len(names) for n in names}
-    report = {
-        "mode": mode,
-        "step": step,
-        "score": fit.score if mode == "fitted" else fit.equal,
-        "equal": fit.equal,
-        "alone": {n: fit.alone(n) for n in names},
-        "candidates": fit.candidates,
-    }
-    print(
-        f"thresholds: member weights ({mode}) "
-        + ", ".join(f"{n} {w:.2f}" for n, w in weights.items())
-        + f": grid optimum {report['score']:.4f} (equal {fit.equal:.4f}; alone "
-        + ", ".join(f"{n} {v:.4f}" for n, v in report["alone"].items())
-        + ")"
-    )
-    return weights, {"member_weight_fit": report}
+    if weights is not None:
+        fit = report["member_weight_fit"]
+        alone = ", ".join(f"{n} {v:.4f}" for n, v in fit["alone"].items())
+        chosen = ", ".join(f"{n} {w:.2f}" for n, w in weights.items())
+        print(f"thresholds: member weights ({fit['mode']}) {chosen}: grid optimum "
+              f"{fit['score']:.4f} (equal {fit['equal']:.4f}; alone {alone})")  # fmt: skip
+    return weights, report
 
 
 def run(params: Params, progress: bool = True) -> dict[str, Any]:

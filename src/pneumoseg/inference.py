@@ -23,7 +23,7 @@ import torch
 from pneumoseg.data import to_tensor
 from pneumoseg.models import ModelError, forward, load_model_file
 from pneumoseg.params import MAIN, OofParams, member_dir
-from pneumoseg.postprocess import PostProcess, apply_triplet
+from pneumoseg.postprocess import PostProcess, apply_triplet, normalised
 
 T = TypeVar("T")
 
@@ -104,14 +104,13 @@ class Ensemble:
         self.groups: dict[str, list[int]] = {}  # member -> indices of its models
         for i, meta in enumerate(self.metas):
             self.groups.setdefault(str(meta.get("member") or MAIN), []).append(i)
-        self.sizes = {
-            name: {self.metas[i]["size"] for i in idx} for name, idx in self.groups.items()
-        }
+        sizes = {name: {self.metas[i]["size"] for i in idx} for name, idx in self.groups.items()}
         channels = {m["in_channels"] for m in self.metas}
-        uneven = {name: sorted(s) for name, s in self.sizes.items() if len(s) != 1}
+        uneven = {name: sorted(s) for name, s in sizes.items() if len(s) != 1}
         if uneven or len(channels) != 1:
             raise ModelError(f"ensemble: models disagree on size {uneven} or channels {channels}")
-        self.size = next(iter(self.sizes[next(iter(self.groups))]))
+        self.sizes = {name: s.pop() for name, s in sizes.items()}  # each member's own size
+        self.size = self.sizes[next(iter(self.groups))]  # the common size: the first member's
         self.weights = member_weights(list(self.groups), weights)
         self.in_channels = channels.pop()
         self.has_cls = all(m.get("classification_head") for m in self.metas)
@@ -184,15 +183,15 @@ class Ensemble:
         probs = np.zeros((len(images), out_size, out_size), dtype=np.float32)
         cls_out = np.zeros(len(images), dtype=np.float32) if self.has_cls else None
         for member, indices in self.groups.items():
-            p, c = self._predict_member(images, indices, next(iter(self.sizes[member])))
+            p, c = self._predict_member(images, indices, self.sizes[member])
             if p.shape[-1] != out_size:
                 p = np.stack(
                     [cv2.resize(m, (out_size, out_size), interpolation=cv2.INTER_LINEAR) for m in p]
                 )
-            weight = np.float32(self.weights[member])
-            probs += p if len(self.groups) == 1 else p * weight
+            weight = np.float32(self.weights[member])  # 1.0 for one member: exact
+            probs += p * weight
             if cls_out is not None and c is not None:
-                cls_out += c if len(self.groups) == 1 else c * weight
+                cls_out += c * weight
         return probs, cls_out
 
     def _predict_member(
@@ -243,8 +242,7 @@ def member_weights(members: list[str], weights: Mapping[str, float] | None) -> d
             f"ensemble: member weights for {sorted(weights)} but models of {sorted(members)} "
             "(rerun `dvc repro thresholds` after changing ensemble.members)"
         )
-    total = sum(weights.values())
-    return {name: weights[name] / total for name in members}
+    return normalised({name: weights[name] for name in members})
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

@@ -45,6 +45,7 @@ from pneumoseg.postprocess.blend import (
     deployed_weights,
     fit_oof_weights,
     fit_weights,
+    normalised,
     oof_members,
     weight_grid,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "grouped_dice",
     "kaggle_dice_naive",
     "level",
+    "normalised",
     "oof_members",
     "oof_scorer",
     "scale_area",

@@ -62,12 +62,7 @@ class WeightedMaps:
     def __getitem__(self, key: Any) -> np.ndarray:
         if len(self._parts) == 1:
             return np.asarray(self._parts[0][0][key])
-        acc: np.ndarray | None = None
-        for maps, w in self._parts:
-            part = np.asarray(maps[key], dtype=np.float32) * np.float32(w)
-            acc = part if acc is None else acc + part
-        assert acc is not None
-        return np.clip(np.rint(acc), 0, 255).astype(np.uint8)
+        return weighted_u8([(maps[key], w) for maps, w in self._parts])
 
 
 def blended_cls(
@@ -78,7 +73,12 @@ def blended_cls(
     used = {name: w for name, w in normalised(weights).items() if w > 0}
     if any(cls.get(name) is None for name in used):
         return None
-    acc = sum(np.asarray(cls[name], dtype=np.float32) * np.float32(w) for name, w in used.items())
+    return weighted_u8([(cls[name], w) for name, w in used.items()])
+
+
+def weighted_u8(parts: Sequence[tuple[Any, float]]) -> np.ndarray:
+    """``round(sum w * values)`` of uint8 arrays as uint8 (float32 sums, as inference adds)."""
+    acc = sum(np.asarray(values, dtype=np.float32) * np.float32(w) for values, w in parts)
     return np.clip(np.rint(acc), 0, 255).astype(np.uint8)
 
 

@@ -132,7 +132,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     if by_member is not None:
         result["ensemble"] = {
             "member_weights": post.weights,
-            "weights": mode,
+            "mode": mode,  # ensemble.weights: fitted or equal
             "cross_fitted": {
                 name: scored(dice_k, cfg.bootstrap)
                 | {"untouched": scored(None if dice_k is None else dice_k[clean], 0)["mean"]}

@@ -65,6 +65,13 @@ def native_size(row: dict[str, str]) -> tuple[int, int]:
     return int(row["height"]), int(row["width"])
 
 
+def native_widths(
+    ids: Iterable[tuple[str, int]], manifest: dict[str, dict[str, str]]
+) -> np.ndarray:
+    """The native width of each (ImageId, fold) row: what areas are scaled against."""
+    return np.array([int(manifest[i]["width"]) for i, _ in ids])
+
+
 def image_path(processed_dir: str | Path, image_id: str) -> Path:
     return Path(processed_dir) / "images" / f"{image_id}.png"
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumoseg.artifacts import OofSet, load_oof, read_manifest
+from pneumoseg.artifacts import OofSet, load_oof, native_widths, read_manifest
 from pneumoseg.params import MAIN
 from pneumoseg.postprocess.scorer import TripletScorer, exhaustive_best
 from pneumoseg.postprocess.search import SearchSettings
@@ -179,7 +179,7 @@ def fit_oof_weights(
     if not oof.members:
         return {}
     manifest = read_manifest(processed_dir)
-    native = np.array([int(manifest[i]["width"]) for i, _ in oof.ids])
+    native = native_widths(oof.ids, manifest)
     maps, cls = oof_members(oof)
     settings = SearchSettings.of(thresholds, all(c is not None for c in cls.values()))
     return fit_weights(maps, oof.masks, native, cls, settings, step, subsets(oof.folds))

@@ -349,12 +349,12 @@ def oof_scorer(
     """A scorer over the OOF maps of ``oof_dir`` (native widths from the manifest), the
     (ImageId, fold) of every row and the manifest. With ensemble members in the OOF set, the
     maps are their mean with ``weights`` (None: equal weights; see :mod:`.blend`)."""
-    from pneumoseg.artifacts import load_oof, read_manifest
+    from pneumoseg.artifacts import load_oof, native_widths, read_manifest
     from pneumoseg.postprocess.blend import blended_scorer, oof_members
 
     oof = load_oof(oof_dir)
     manifest = read_manifest(processed_dir)
-    native = np.array([int(manifest[i]["width"]) for i, _ in oof.ids])
+    native = native_widths(oof.ids, manifest)
     if not oof.members:
         return TripletScorer(oof.probs, oof.masks, native, oof.cls), oof.ids, manifest
     maps, cls = oof_members(oof)

@@ -18,6 +18,7 @@ from pneumoseg.arrays import read_gray
 from pneumoseg.artifacts import (
     image_path,
     load_oof,
+    native_widths,
     read_folds,
 )
 from pneumoseg.evaluation import (
@@ -73,7 +74,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         unit="trial", bars_allowed=progress,
     )  # fmt: skip
     labels = group_labels(settings.group_by, ids, manifest)
-    native = np.array([int(manifest[i]["width"]) for i, _ in ids])
+    native = native_widths(ids, manifest)
     by_member = None
     if oof.members:
         by_member = members_cross_fitted(oof, native, settings, mode, step, labels, bar.update)

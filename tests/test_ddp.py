@@ -123,7 +123,7 @@ def test_nproc_per_node_runs_the_dvc_stage_in_two_ranks(
 GATHER = """
 import os, sys
 import numpy as np
-from pneumoseg.training.distributed import Dist
+from pneumoseg.training.distributed import Dist, shutdown
 dist = Dist.from_env()
 ids = [f"img{i}" for i in range(7)]
 mine = dist.shard(ids)
@@ -133,6 +133,8 @@ assert [f"img{r}" for r in gathered[:, 0]] == ids, gathered
 assert gathered[:, 1].tolist() == [i % 2 for i in range(7)], gathered  # each scored once
 with open(f"rank{dist.rank}.txt", "w") as fh:  # one file per rank: stdout would interleave
     fh.write(f"rank {dist.rank} scored {len(mine)} of {len(ids)}")
+dist.barrier()
+shutdown()  # leave the group together, as training does (a rank gone first aborts the other)
 """
 
 

@@ -200,15 +200,18 @@ def test_oof_thresholds_and_evaluate_compare_members_honestly(tiny_pipeline: Pip
     assert "member weights" in decisions and "member weights, cross-fitted" in decisions
 
 
-def test_submit_and_register_use_every_member(tiny_pipeline: Pipeline) -> None:
+def test_submit_and_register_use_every_member(
+    tiny_pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
 
     root = tiny_pipeline.path
     registered = json.loads((root / "metrics/registered.json").read_text())
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
-    version = mlflow.MlflowClient().get_model_version("pneumoseg", registered["version"])
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for the models:/ URI; undone after the test
+    version = mlflow.MlflowClient(uri).get_model_version("pneumoseg", registered["version"])
     assert version.tags["training_run_tiny-fold0"] and version.tags["training_run_fold0"]
-    local = mlflow.artifacts.download_artifacts(registered["model_uri"])
+    local = mlflow.artifacts.download_artifacts(registered["model_uri"], tracking_uri=uri)
     config = yaml.safe_load((Path(local) / "MLmodel").read_text())["flavors"]["python_function"]
     assert config["config"]["models"] == ["fold0", "fold1", "tiny-fold0", "tiny-fold1"]
     assert (root / "submission/submission.csv").is_file()

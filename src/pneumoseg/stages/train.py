@@ -18,8 +18,8 @@ def run(
     from pneumoseg.training.trainer import FoldTrainer
 
     folds = [fold] if fold is not None else params.train.folds
-    seen = params if member is None else MemberParams(params, member)
+    trained = params if member is None else MemberParams(params, member)  # its train section
     try:
-        return [FoldTrainer(seen, f, progress, member=member or MAIN).run() for f in folds]
+        return [FoldTrainer(trained, f, progress, member=member or MAIN).run() for f in folds]
     finally:
         shutdown()

@@ -67,7 +67,7 @@ class RecordingList(list):
 
 class RecordingDict(dict):
     """A mapping of plain mappings whose entries are recorded as ``path.<key>`` when read one
-    by one; iterating over it records the whole mapping."""
+    by one; iterating over it (keys, values, items, len) records the whole mapping."""
 
     def __init__(self, items: dict[str, Any], path: str, reads: set[str]) -> None:
         super().__init__(items)
@@ -84,6 +84,18 @@ class RecordingDict(dict):
     def __len__(self) -> int:
         self._reads.add(self._path)
         return super().__len__()
+
+    def keys(self) -> Any:
+        self._reads.add(self._path)
+        return super().keys()
+
+    def values(self) -> Any:
+        self._reads.add(self._path)
+        return super().values()
+
+    def items(self) -> Any:
+        self._reads.add(self._path)
+        return super().items()
 
 
 def wrap(value: Any, path: str, reads: set[str]) -> Any:

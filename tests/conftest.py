@@ -135,12 +135,31 @@ TINY_MEMBER = {
 }  # fmt: skip
 
 
+# The tiny pipeline fine-tunes fold 0 on pseudo-labels (thresholds low enough that the barely
+# trained tiny model labels some test images), so oof, submit and register use finetune@0's model.
+TINY_PSEUDO = {
+    "folds": [0],
+    "positive_confidence": 0.5,
+    "negative_confidence": 0.45,
+    "pixel_threshold": 0.45,
+    "finetune": {
+        "parts": [
+            {"size": 64, "epochs": 1, "lr": 0.001, "loss": {"bce": 1, "dice": 1},
+             "sample_rate": {"start": 0.5, "end": 0.5, "shape": "constant"}}
+        ]
+    },
+}  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """The tiny demo project after one run of every stage (trained once for the whole test
     run), with a second ensemble member; tests that change files work on
     ``tiny_pipeline.copy(tmp_path / "p")``."""
-    return probed_pipeline(tmp_path_factory.mktemp("tiny") / "p", {"ensemble": TINY_MEMBER})
+    return probed_pipeline(
+        tmp_path_factory.mktemp("tiny") / "p",
+        {"ensemble": TINY_MEMBER, "pseudo_label": TINY_PSEUDO},
+    )
 
 
 @pytest.fixture(scope="session")

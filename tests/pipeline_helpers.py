@@ -155,7 +155,8 @@ def cli(*args: str, cwd: Path, check: bool = True) -> tuple[int, str, str]:
 
 
 STAGES = (
-    *("demo", "convert", "arrays", "split", "train", "member", "oof"),
+    *("demo", "convert", "arrays", "split", "train", "member", "pseudo_label", "finetune"),
+    "oof",
     *("thresholds", "evaluate", "register", "submit"),
 )
 
@@ -196,6 +197,9 @@ def probed_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipe
         if stage == "train":
             for k in params["train"]["folds"]:
                 reports[f"train@{k}"] = probe_stage(path, "train", k)
+        elif stage in ("pseudo_label", "finetune"):
+            for k in params["pseudo_label"]["folds"]:
+                reports[f"{stage}@{k}"] = probe_stage(path, stage, k)
         elif stage == "member":
             for name in params["ensemble"]["members"]:
                 for k in params["train"]["folds"]:

@@ -75,7 +75,9 @@ MEMBER = "tiny"  # the tiny pipeline's ensemble member (tests/conftest.py)
 
 def report_of(pipeline: Pipeline, stage: str) -> dict[str, Any]:
     """What the stage read in the tiny pipeline (fold 0 of a foreach/matrix stage)."""
-    return pipeline.reports[{"train": "train@0", "member": f"member@{MEMBER}-0"}.get(stage, stage)]
+    foreach = {"train": "train@0", "member": f"member@{MEMBER}-0"}
+    foreach |= {"pseudo_label": "pseudo_label@0", "finetune": "finetune@0"}
+    return pipeline.reports[foreach.get(stage, stage)]
 
 
 @pytest.mark.parametrize("stage", STAGE_NAMES)

@@ -100,6 +100,17 @@ def write_arrays(
     return {**info, "images": len(ids), "bytes": total}
 
 
+def save_rows(folder: Path, ids: list[str], images: np.ndarray, masks: np.ndarray) -> None:
+    """Write (N, S, S) uint8 ``images`` and 0/1 ``masks`` of ``ids`` into ``folder`` in the
+    layout above, at their one size S (what :class:`ArrayRows` reads; e.g. pseudo-labels)."""
+    side = int(images.shape[-1]) if len(ids) else 0
+    (folder / str(side)).mkdir(parents=True, exist_ok=True)
+    (folder / IDS).write_text("".join(f"{i}\n" for i in ids))
+    np.save(folder / str(side) / "images.npy", images.astype(np.uint8, copy=False))
+    np.save(folder / str(side) / "masks.npy", masks.astype(np.uint8, copy=False))
+    (folder / INFO).write_text(json.dumps({"processed_size": side, "sizes": [side]}) + "\n")
+
+
 @dataclass(frozen=True)
 class _RowFile:
     """One ``.npy`` file of (N, S, S) uint8 rows: where its data starts and how long a row is."""

@@ -17,7 +17,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pneumoseg.console import DEBUG_ENV, Interrupted, configure_logging, report_error, terminated
+from pneumoseg.console import (
+    DEBUG_ENV,
+    Interrupted,
+    add_completion,
+    configure_logging,
+    package_version,
+    report_error,
+    terminated,
+)
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,19 @@ COMMANDS: dict[str, Command] = {
             "dvc repro train@0          # the same, tracked by DVC",
             "dvc exp run -S train.nproc_per_node=2   # every fold in two torchrun ranks",
         ),
+        launcher="pneumoseg.training.launch:torchrun_if_asked",
+    ),
+    "pseudo_label": Command(
+        "label the confident test images with each fold's own model (pseudo_label.folds)",
+        "pneumoseg.stages.pseudo_label:run",
+        [Flag("--fold", "fold", int, "only this fold (default: all of pseudo_label.folds)")],
+        examples=("dvc exp run -S 'pseudo_label.folds=[0,1]'   # labels, fine-tuning, oof ...",),
+    ),
+    "finetune": Command(
+        "continue each fold's model on its training images plus its pseudo-labels",
+        "pneumoseg.stages.finetune:run",
+        [Flag("--fold", "fold", int, "only this fold (default: all of pseudo_label.folds)")],
+        examples=("pneumoseg finetune --fold 0", "dvc repro finetune@0   # the same, tracked"),
         launcher="pneumoseg.training.launch:torchrun_if_asked",
     ),
     "oof": Command(
@@ -284,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pneumoseg",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"pneumoseg {_version()}")
+    parser.add_argument("--version", action="version", version=f"pneumoseg {package_version()}")
     parser.add_argument("--params", default="params.yaml", help="params file [%(default)s]")
     parser.add_argument(
         "-q",
@@ -297,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"full tracebacks instead of one-line errors (also {DEBUG_ENV}=1)",
     )
-    _add_completion(parser)
+    add_completion(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         epilog = "examples:\n" + "\n".join(f"  {e}" for e in command.examples)
@@ -327,25 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f.help + where,
                 )
     return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pneumoseg")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        return "unknown (not installed)"
-
-
-def _add_completion(parser: argparse.ArgumentParser) -> None:
-    """``--print-completion bash|zsh|tcsh``: a shell completion script (shtab, which DVC
-    already installs)."""
-    try:
-        import shtab
-    except ImportError:  # pragma: no cover - a dependency; the rest of the CLI works without it
-        return
-    shtab.add_argument_to(parser, ["--print-completion"], help="print a shell completion script")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ SIGTERM handled like Ctrl-C (the command stops where it is; a rerun continues)."
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
@@ -76,3 +77,22 @@ class Interrupted(KeyboardInterrupt):
 
 def terminated(signum: int, frame: object) -> None:
     raise Interrupted(signum)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pneumoseg")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def add_completion(parser: argparse.ArgumentParser) -> None:
+    """``--print-completion bash|zsh|tcsh``: a shell completion script (shtab, which DVC
+    already installs)."""
+    try:
+        import shtab
+    except ImportError:  # pragma: no cover - a dependency; the rest of the CLI works without it
+        return
+    shtab.add_argument_to(parser, ["--print-completion"], help="print a shell completion script")

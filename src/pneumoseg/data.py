@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,16 @@ class SegDataset(Dataset):
     def __init__(
         self,
         ids: list[str],
-        arrays_dir: str | Path,
+        arrays_dir: str | Path | Sequence[str | Path],
         size: int,
         in_channels: int = 1,
         transform: Any | None = None,
     ) -> None:
+        """``arrays_dir``: one folder of arrays, or several (an id is read from the first
+        that holds it, e.g. the training arrays, then a fold's pseudo-labels)."""
         self.ids = list(ids)
-        self.rows = ArrayRows(arrays_dir, size)
+        dirs = [arrays_dir] if isinstance(arrays_dir, str | Path) else list(arrays_dir)
+        self.sources = [ArrayRows(d, size) for d in dirs]
         self.size = size
         self.in_channels = in_channels
         self.transform = transform
@@ -48,7 +52,9 @@ class SegDataset(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """uint8 image and 0/1 mask of item ``index`` at the dataset size."""
-        return self.rows.pair(self.ids[index])
+        image_id = self.ids[index]
+        rows = next((r for r in self.sources if image_id in r.row), self.sources[0])
+        return rows.pair(image_id)  # (the first source names its file for an unknown id)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)

@@ -167,6 +167,9 @@ def decisions(
             ALL_SCORES,
         )
     )
+    tuned = {k: m["pseudo_labels"] for k, m in sorted(models.items()) if m.get("pseudo_labels")}
+    if tuned:
+        out.append(pseudo_label_decision(tuned))
     for study in studies:
         seen: set[str] = set()
         for f in study.folds:
@@ -210,6 +213,25 @@ def decisions(
         )
     )
     return out
+
+
+def pseudo_label_decision(tuned: dict[int, dict[str, Any]]) -> Decision:
+    """The fine-tuning on pseudo-labels (``pseudo_labels`` of each fine-tuned fold's model): test
+    images only, each fold labelled by its own model, so no OOF image is seen."""
+    first = next(iter(tuned.values()))
+    counts = "; ".join(
+        f"fold {k}: {p['n_positive']} positive + {p['n_empty']} empty of {p['n_test']} test "
+        f"images, labelled by {', '.join(p['labelled_by'])}"
+        for k, p in tuned.items()
+    )
+    return Decision(
+        "pseudo-labels",
+        f"folds {sorted(tuned)} fine-tuned on test images their own model labelled (largest "
+        f"probability >= {first['positive_confidence']}: positive, mask >= "
+        f"{first['pixel_threshold']}; < {first['negative_confidence']}: empty): {counts}. "
+        "Test images only, never an OOF image; the test truth is never read",
+        set(),
+    )
 
 
 def selection_records(oof_dir: str, oof: OofSet) -> dict[int, dict[str, Any]]:

@@ -22,16 +22,19 @@ import torch
 
 from pneumoseg.data import to_tensor
 from pneumoseg.models import ModelError, forward, load_model_file
-from pneumoseg.params import MAIN, OofParams, member_dir
+from pneumoseg.params import MAIN, OofParams, finetuned_dir, member_dir
 from pneumoseg.postprocess import PostProcess, apply_triplet, normalised
 
 T = TypeVar("T")
 
 
-def fold_model_files(models_dir: str | Path, fold: int, checkpoints: str = "final") -> list[Path]:
+def fold_model_files(
+    models_dir: str | Path, fold: int, checkpoints: str = "final", finetuned: bool = False
+) -> list[Path]:
     """The files of one fold: its final ``model.pt``, (``top_k``) its last part's top-k, or
-    (``snapshots``) the snapshot of every restart cycle of its last snapshot part."""
-    root = Path(models_dir) / f"fold{fold}"
+    (``snapshots``) the snapshot of every restart cycle of its last snapshot part; with
+    ``finetuned``, those of its fine-tuned model (``pseudo_label.folds``)."""
+    root = Path(finetuned_dir(str(models_dir)) if finetuned else models_dir) / f"fold{fold}"
     if checkpoints == "final":
         path = root / "model.pt"
         if not path.is_file():
@@ -52,17 +55,19 @@ def ensemble_members(
     folds: Iterable[int],
     checkpoints: str = "final",
     members: Iterable[str] = (),
+    finetuned: Iterable[int] = (),
 ) -> list[tuple[str, Path]]:
     """(name, file) of every model of the ensemble, in fold order: ``fold<k>`` (or
-    ``fold<k>_<j>`` for the top-k checkpoints of fold k), then for each further ensemble member
-    ``<member>-fold<k>`` (its files under ``<models_dir>/members/<member>/``)."""
+    ``fold<k>_<j>`` for the top-k checkpoints of fold k; the fine-tuned model for the folds in
+    ``finetuned``), then for each further ensemble member ``<member>-fold<k>`` (its files under
+    ``<models_dir>/members/<member>/``)."""
     out = []
-    folds = list(folds)
+    folds, tuned = list(folds), set(finetuned)
     for member in [None, *members]:
         root = models_dir if member is None else member_dir(str(models_dir), member)
         prefix = "" if member is None else f"{member}-"
         for k in folds:
-            files = fold_model_files(root, k, checkpoints)
+            files = fold_model_files(root, k, checkpoints, member is None and k in tuned)
             for j, path in enumerate(files):
                 if not path.is_file():
                     raise ModelError(f"{path}: missing (train fold {k} first)")

@@ -122,10 +122,7 @@ def load_model_file(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network from a model file's meta and load its weights (eval mode)."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise ModelError(f"{path}: not a pneumoseg model file")
-    meta = blob["meta"]
+    state_dict, meta = read_model_file(path)
     cfg = ModelParams(
         arch=meta["arch"],
         encoder=meta["encoder"],
@@ -137,8 +134,16 @@ def load_model_file(
         norm="group" if meta.get("norm") == "group" else "batch",  # the others share weights
     )
     model = build_model(cfg)
-    model.load_state_dict(blob["state_dict"])
+    model.load_state_dict(state_dict)
     return model.to(device).eval(), meta
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A model file's state dict (on the CPU) and meta."""
+    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise ModelError(f"{path}: not a pneumoseg model file")
+    return blob["state_dict"], blob["meta"]
 
 
 def save_smp_folder(model_file: str | Path, folder: str | Path) -> None:

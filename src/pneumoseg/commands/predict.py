@@ -90,7 +90,11 @@ def load_model(params: Params, model: str | None, device: str | None = None) -> 
                 "folder (folds/fold<k>/model.pt + postprocess.json)"
             )
         members = ensemble_members(
-            folder / "folds", params.train.folds, params.oof.checkpoints, params.ensemble.members
+            folder / "folds",
+            params.train.folds,
+            params.oof.checkpoints,
+            params.ensemble.members,
+            params.pseudo_label.folds,
         )
         files = [f for _, f in members]
         description = {"model": str(folder), "files": [str(f) for f in files]}

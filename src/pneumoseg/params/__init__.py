@@ -28,6 +28,7 @@ from pneumoseg.params.declared import (
     stage_values,
 )
 from pneumoseg.params.errors import ParamsError, format_validation_error
+from pneumoseg.params.finetune import FinetuneParams, finetune_train, finetuned_dir
 from pneumoseg.params.keys import MISSING, flatten, get_path, nest, set_path
 from pneumoseg.params.members import MAIN, MemberParams, member_dir, member_train
 from pneumoseg.params.schema import Params, check_study
@@ -39,6 +40,7 @@ from pneumoseg.params.sections import (
     EvaluateParams,
     MlflowParams,
     OofParams,
+    PseudoLabelParams,
     RegistryParams,
     SplitParams,
     SubmitParams,
@@ -77,6 +79,7 @@ __all__ = [
     "EnsembleParams",
     "Distribution",
     "EvaluateParams",
+    "FinetuneParams",
     "LossParams",
     "MlflowParams",
     "MemberParams",
@@ -88,6 +91,7 @@ __all__ = [
     "PartOptimizerParams",
     "PartParams",
     "ProvenanceParams",
+    "PseudoLabelParams",
     "RegistryParams",
     "SWAParams",
     "SampleRateParams",
@@ -101,6 +105,8 @@ __all__ = [
     "TrainParams",
     "check_study",
     "digest",
+    "finetune_train",
+    "finetuned_dir",
     "flatten",
     "format_validation_error",
     "get_path",

@@ -60,6 +60,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     ),
     "oof": (
         "ensemble.members",
+        "pseudo_label.folds",  # the folds whose fine-tuned model is used
         "oof.size",
         "oof.tta_hflip",
         "oof.tta_scales",
@@ -80,6 +81,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "registry.auto_promote",
         "train.folds",
         "ensemble.members",
+        "pseudo_label.folds",  # the folds whose fine-tuned model is used
         "oof.tta_hflip",
         "oof.tta_scales",
         "oof.tta_gammas",
@@ -95,6 +97,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "submit.dialect",
         "train.folds",
         "ensemble.members",
+        "pseudo_label.folds",  # the folds whose fine-tuned model is used
         "oof.tta_hflip",
         "oof.tta_scales",
         "oof.tta_gammas",
@@ -102,6 +105,19 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "oof.batch_size",
     ),
 }
+
+# The pseudo-labels of fold k: its final model predicts the test images as submit would (the
+# oof section's TTA); finetune@<fold> continues that model with the train keys and its own.
+STAGE_PARAMS["pseudo_label"] = (
+    "pseudo_label.positive_confidence",
+    "pseudo_label.negative_confidence",
+    "pseudo_label.pixel_threshold",
+    "oof.tta_hflip",
+    "oof.tta_scales",
+    "oof.tta_gammas",
+    "oof.batch_size",
+)
+STAGE_PARAMS["finetune"] = (*STAGE_PARAMS["train"], "pseudo_label.finetune")
 
 # An ensemble member's stage (member@<name>-<fold>) reads what train@<fold> reads, and its own
 # ensemble.members.<name> (declared in dvc.yaml through ${item.member}).

@@ -6,6 +6,7 @@ so the ``train`` section's own models (member ``main``) keep their paths and DVC
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -55,9 +56,17 @@ def check_member(name: str, overrides: Any, train: dict[str, Any]) -> TrainParam
     shared = [k for k in SHARED_KEYS if k in overrides]
     if shared:
         raise ValueError(f"{where}.{shared[0]}: shared by every member, set it in train")
+    return merged_train(where, overrides, train, lambda base: member_dir(base, name))
+
+
+def merged_train(
+    where: str, overrides: dict[str, Any], train: dict[str, Any], layout: Callable[[str], str]
+) -> TrainParams:
+    """``train`` with ``overrides`` deep-merged in and its folders moved by ``layout``,
+    validated; a ValueError names the key under ``where``."""
     merged = deep_merged(train, overrides)
     for key in LAYOUT_KEYS:
-        merged[key] = member_dir(train[key], name)
+        merged[key] = layout(train[key])
     try:
         return TrainParams.model_validate(merged)
     except ValidationError as err:

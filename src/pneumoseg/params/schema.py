@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from pneumoseg.params.errors import format_validation_error
+from pneumoseg.params.finetune import check_finetune
 from pneumoseg.params.keys import MISSING, get_path, set_path
 from pneumoseg.params.members import check_member
 from pneumoseg.params.sections import (
@@ -20,6 +21,7 @@ from pneumoseg.params.sections import (
     EvaluateParams,
     MlflowParams,
     OofParams,
+    PseudoLabelParams,
     RegistryParams,
     ServingParams,
     SplitParams,
@@ -40,6 +42,7 @@ class Params(Strict):
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
     ensemble: EnsembleParams = EnsembleParams()
+    pseudo_label: PseudoLabelParams = PseudoLabelParams()
     oof: OofParams = OofParams()
     thresholds: ThresholdsParams = ThresholdsParams()
     evaluate: EvaluateParams = EvaluateParams()
@@ -55,10 +58,14 @@ class Params(Strict):
         bad = [f for f in self.train.folds if f >= self.split.n_folds]
         if bad:
             raise ValueError(f"train.folds: {bad} must be < split.n_folds={self.split.n_folds}")
-        if self.ensemble.members:
-            train = self.train.model_dump(mode="json")
-            for name, overrides in self.ensemble.members.items():
-                check_member(name, overrides, train)
+        train = self.train.model_dump(mode="json")
+        for name, overrides in self.ensemble.members.items():
+            check_member(name, overrides, train)
+        untrained = [f for f in self.pseudo_label.folds if f not in self.train.folds]
+        if untrained:
+            raise ValueError(f"pseudo_label.folds: {untrained} are not in train.folds")
+        if self.pseudo_label.folds:  # (checked when used: it merges into train as it is then)
+            check_finetune(self.pseudo_label.finetune, train)
         for name, study in self.studies.items():
             check_study(self, name, study)
         return self

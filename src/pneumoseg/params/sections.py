@@ -86,6 +86,48 @@ class OofParams(Strict):
     out_dir: str = "oof"
 
 
+def default_finetune() -> dict[str, Any]:
+    """The further part of ``finetune@<fold>``: three epochs at the data size, last weights."""
+    part = {
+        "size": 256,
+        "epochs": 3,
+        "lr": 0.0003,
+        "scheduler": {"name": "cosine", "min_lr": 0.00001, "warmup_epochs": 0},
+        "loss": {"bce": 1, "dice": 1, "focal": 0, "lovasz": 0},
+        "sample_rate": {"start": 0.4, "end": 0.4, "shape": "constant"},
+    }
+    return {"parts": [part], "checkpoint": {"final": "last"}, "swa": {"epochs": 0}}
+
+
+class PseudoLabelParams(Strict):
+    """Pseudo-labels (``pseudo_label@<fold>``, ``finetune@<fold>``; off while ``folds`` is
+    empty): fold k's own model labels the test images it is confident about, and fold k's model
+    is fine-tuned on its training images plus those."""
+
+    folds: list[int] = []  # the folds to fine-tune (a subset of train.folds)
+    # an image is a pseudo-positive when its largest pixel probability reaches this ...
+    positive_confidence: float = Field(0.9, gt=0, le=1)
+    # ... and a pseudo-empty image when its largest pixel probability stays below this
+    negative_confidence: float = Field(0.05, ge=0, lt=1)
+    pixel_threshold: float = Field(0.5, gt=0, lt=1)  # a pseudo-positive's mask: probs >= this
+    # a partial train section deep-merged into train (like ensemble.members; lists replaced)
+    finetune: dict[str, Any] = Field(default_factory=default_finetune)
+    out_dir: str = "data/pseudo"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PseudoLabelParams:
+        if self.negative_confidence >= self.positive_confidence:
+            raise ValueError("negative_confidence: must be below positive_confidence")
+        if self.pixel_threshold > self.positive_confidence:
+            raise ValueError(
+                "pixel_threshold: must not exceed positive_confidence (a confident positive "
+                "would get an empty mask)"
+            )
+        if len(set(self.folds)) != len(self.folds):
+            raise ValueError("folds: must be unique")
+        return self
+
+
 Range = tuple[float, float]
 
 

@@ -51,8 +51,9 @@ def run(params: Params, progress: bool = True) -> Path:
     out = Path(cfg.out_dir)
     with staged_dir(out) as work:  # a kill or a full disk leaves the previous maps whole
         for member, models_dir in models_dirs.items():
+            tuned = set(params.pseudo_label.folds) if member is None else set()
             ensembles = {
-                k: Ensemble.of(fold_model_files(models_dir, k, cfg.checkpoints), cfg)
+                k: Ensemble.of(fold_model_files(models_dir, k, cfg.checkpoints, k in tuned), cfg)
                 for k in trained
             }
             size = size or ensembles[trained[0]].size  # the train section's models' size
@@ -71,11 +72,15 @@ def run(params: Params, progress: bool = True) -> Path:
 
 def record(ensemble: Ensemble) -> dict[str, Any]:
     """What evaluate's provenance needs of one fold's models."""
-    return {
+    meta = ensemble.metas[0]
+    out = {
         "files": [str(f) for f in ensemble.files],
-        "selection": ensemble.metas[0].get("selection", {"mode": "held_out"}),
-        "mlflow_run_id": ensemble.metas[0].get("mlflow_run_id"),
+        "selection": meta.get("selection", {"mode": "held_out"}),
+        "mlflow_run_id": meta.get("mlflow_run_id"),
     }
+    if "pseudo_labels" in meta:  # a fine-tuned model (pseudo_label.folds)
+        out |= {k: meta[k] for k in ("pseudo_labels", "finetuned_from")}
+    return out
 
 
 def write_maps(

@@ -37,9 +37,8 @@ def ensemble_files(params: Params) -> list[tuple[str, Path]]:
 
     cfg = params.train
     try:
-        return ensemble_members(
-            cfg.models_dir, cfg.folds, params.oof.checkpoints, params.ensemble.members
-        )
+        members, tuned = params.ensemble.members, params.pseudo_label.folds
+        return ensemble_members(cfg.models_dir, cfg.folds, params.oof.checkpoints, members, tuned)
     except ModelError as exc:
         raise RegisterError(str(exc)) from None
 

@@ -36,7 +36,11 @@ def run(params: Params, progress: bool = True) -> Path:
     post = PostProcess.load(params.thresholds.out)
     cfg = params.train
     members = ensemble_members(
-        cfg.models_dir, cfg.folds, params.oof.checkpoints, params.ensemble.members
+        cfg.models_dir,
+        cfg.folds,
+        params.oof.checkpoints,
+        params.ensemble.members,
+        params.pseudo_label.folds,
     )
     ens = Ensemble.of([f for _, f in members], params.oof, weights=post.weights)
     items = (

@@ -57,6 +57,32 @@ def val_row(losses: dict[str, float], m: dict[str, float], prefix: str = "val_")
     }
 
 
+def model_meta(t: FoldTrainer, size: int) -> dict[str, Any]:
+    """What a model file needs to rebuild the network, and its lineage."""
+    m = t.cfg.model
+    return {
+        "arch": m.arch,
+        "encoder": m.encoder,
+        "in_channels": m.in_channels,
+        "decoder_channels": m.decoder_channels,
+        "classification_head": m.classification_head,
+        "decoder_attention": m.decoder_attention,
+        "norm": m.norm,
+        "size": size,
+        "fold": t.fold,
+        "member": t.member,
+        "params_hash": t.params_hash,
+        "data_hash": t.data_hash,
+        "val_threshold": t.cfg.val_threshold,
+        "selection": {
+            "mode": t.cfg.selection.mode,
+            "inner_fraction": t.cfg.selection.inner_fraction,
+            "seed": t.cfg.seed,
+            "n_select": len(t.val_ids),
+        },
+    } | t.record_extra
+
+
 def final_weights(t: FoldTrainer, swa_model: Any) -> dict[str, torch.Tensor]:
     """``train.checkpoint.final`` of the last part: its best or top-k average checkpoint, the
     last epoch's weights, the SWA average (BatchNorm statistics recomputed, or the frozen ones
@@ -123,7 +149,7 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
         "epochs": len(state.history),
         "params_hash": t.params_hash,
         "data_hash": t.data_hash,
-    }
+    } | t.record_extra
     if cfg.snapshots and not state.snapshots:
         log.warning(
             "train fold %d: train.snapshots is on, but no part completed a cosine_restarts "
@@ -165,8 +191,8 @@ def finish(t: FoldTrainer, swa_model: Any) -> dict[str, Any]:
     write_json(Path(cfg.metrics_dir) / f"fold{t.fold}.json", result)
     t.store.clear()
     print(
-        f"train: fold {t.fold} done, final weights ({cfg.checkpoint.final}) on the held-out "
-        f"fold: kaggle_dice {heldout['heldout_kaggle_dice']:.4f} (empty baseline "
+        f"{t.stage_name}: fold {t.fold} done, final weights ({cfg.checkpoint.final}) on the "
+        f"held-out fold: kaggle_dice {heldout['heldout_kaggle_dice']:.4f} (empty baseline "
         f"{heldout['heldout_empty_baseline']:.4f}), dice_pos {heldout['heldout_dice_pos']:.4f}"
         f" -> {t.out / 'model.pt'}; MLflow run {state.mlflow_run_id}"
     )

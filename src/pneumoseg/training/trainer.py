@@ -38,7 +38,7 @@ from pneumoseg.tracking import Tracker
 from pneumoseg.training.callbacks import Callback, default_callbacks
 from pneumoseg.training.distributed import Dist
 from pneumoseg.training.parts import Part, make_ema, make_optimizer, make_scheduler
-from pneumoseg.training.record import finish, val_row
+from pneumoseg.training.record import finish, model_meta, val_row
 from pneumoseg.training.state import (
     ResumeStore,
     RunState,
@@ -51,7 +51,10 @@ log = logging.getLogger("pneumoseg.training")
 
 
 class FoldTrainer:
-    """Trains one fold; see the module docstring."""
+    """Trains one fold; see the module docstring. Subclasses (the fine-tuning) change the stage
+    name, the initial weights, the training images' ``sources`` and ``record_extra``."""
+
+    stage_name = "train"  # the DVC stage: MLflow tag and run name, declared params
 
     def __init__(
         self,
@@ -95,7 +98,7 @@ class FoldTrainer:
         self.out = Path(self.cfg.models_dir) / f"fold{fold}"
         self.plots = Path(self.cfg.plots_dir) / f"fold{fold}"
         self.data_hash = data_hash(params.data.processed_dir, params.split.out)
-        self.params_hash = stage_digest(params, "train")
+        self.params_hash = stage_digest(params, self.stage_name)
         self.store = ResumeStore(
             self.work, f"{self.params_hash}|{self.data_hash}|fold{fold}", self.dist
         )
@@ -109,6 +112,8 @@ class FoldTrainer:
         self.ema: torch.optim.swa_utils.AveragedModel | None = None  # train.ema
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.threads = ThreadShare()
+        self.sources: list[Any] = [params.arrays.out_dir]  # where training images are read
+        self.record_extra: dict[str, Any] = {}  # more for the fold's record and model meta
 
     # --------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
@@ -136,14 +141,15 @@ class FoldTrainer:
         if resumed:
             self.state, tstate = resumed
         model = build_model(self.cfg.model).to(self.device, memory_format=self.memory_format)
-        if resumed:
-            model.load_state_dict(tstate["model"])
+        start = tstate["model"] if resumed else self.initial_state()
+        if start is not None:
+            model.load_state_dict(start)
         if self.cfg.grad_checkpointing:
             enable_grad_checkpointing(model)
         self.model, self.ema = model, make_ema(model, self.cfg.ema.decay)
         if resumed and self.ema is not None and tstate.get("ema") is not None:
             self.ema.load_state_dict(tstate["ema"])
-        tags = {"stage": "train", "fold": str(self.fold), "params_hash": self.params_hash}
+        tags = {"stage": self.stage_name, "fold": str(self.fold), "params_hash": self.params_hash}
         tags["data_hash"] = self.data_hash
         tags["ensemble_member"] = self.member
         if self.parent_run_id:
@@ -151,11 +157,11 @@ class FoldTrainer:
         reopened = bool(self.state.mlflow_run_id)
         member = "" if self.member == MAIN else f"{self.member}-"
         run_id = self.tracker.start(
-            f"train-{member}fold{self.fold}", tags, self.state.mlflow_run_id
+            f"{self.stage_name}-{member}fold{self.fold}", tags, self.state.mlflow_run_id
         )
         if not reopened:  # a new run (its params wait if the store is down)
             self.state.mlflow_run_id = run_id
-            self.tracker.log_params(flatten(stage_values(self.params, "train")))
+            self.tracker.log_params(flatten(stage_values(self.params, self.stage_name)))
             self.tracker.log_datasets(
                 dataset_inputs(self.params.data.processed_dir, self.params.split.out)
             )
@@ -175,6 +181,10 @@ class FoldTrainer:
         )
         set_rng_state(tstate["rng"])  # after building the model, as in an uninterrupted run
         return tstate
+
+    def initial_state(self) -> dict[str, torch.Tensor] | None:
+        """The weights a new run starts from (None: the seeded initialisation)."""
+        return None
 
     def parts(self, resumed: dict[str, Any] | None) -> Iterator[Part]:
         """The parts left to train, each ready to run (a resumed part with its optimizer,
@@ -279,7 +289,7 @@ class FoldTrainer:
         cfg = self.cfg
         train_ds = SegDataset(
             self.train_ids,
-            self.params.arrays.out_dir,
+            self.sources,
             size,
             cfg.model.in_channels,
             transform=build_train_transform(cfg.augment, size),
@@ -295,7 +305,7 @@ class FoldTrainer:
         """Images scored without augmentation; ``shard``: this rank's share only (the ranks
         split validation and :meth:`validate` gathers the scores)."""
         ids = self.dist.shard(ids) if shard else ids
-        ds = SegDataset(ids, self.params.arrays.out_dir, size, self.cfg.model.in_channels)
+        ds = SegDataset(ids, self.sources, size, self.cfg.model.in_channels)
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, **self._common())
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,25 +385,4 @@ class FoldTrainer:
 
     def meta(self, size: int) -> dict[str, Any]:
         """What a model file needs to rebuild the network, and its lineage."""
-        m = self.cfg.model
-        return {
-            "arch": m.arch,
-            "encoder": m.encoder,
-            "in_channels": m.in_channels,
-            "decoder_channels": m.decoder_channels,
-            "classification_head": m.classification_head,
-            "decoder_attention": m.decoder_attention,
-            "norm": m.norm,
-            "size": size,
-            "fold": self.fold,
-            "member": self.member,
-            "params_hash": self.params_hash,
-            "data_hash": self.data_hash,
-            "val_threshold": self.cfg.val_threshold,
-            "selection": {
-                "mode": self.cfg.selection.mode,
-                "inner_fraction": self.cfg.selection.inner_fraction,
-                "seed": self.cfg.seed,
-                "n_select": len(self.val_ids),
-            },
-        }
+        return model_meta(self, size)

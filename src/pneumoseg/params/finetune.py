@@ -1,0 +1,61 @@
+"""The train section of ``finetune@<fold>`` (``pseudo_label.finetune``): ``train`` with the
+further part's keys deep-merged in, like an ensemble member. Its files live under
+``<train.models_dir>/finetuned/`` (and likewise for metrics, plots and the resume state), so the
+fold models it starts from keep their paths and DVC stages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pneumoseg.params.declared import read_keys
+from pneumoseg.params.errors import ParamsError
+from pneumoseg.params.members import SHARED_KEYS, merged_train
+from pneumoseg.params.train import TrainParams
+
+FINETUNED = "finetuned"
+# keys the further part cannot set: those shared by every member, and the model (it continues
+# the fold's trained weights)
+FIXED_KEYS = (*SHARED_KEYS, "model")
+
+
+def finetuned_dir(base: str) -> str:
+    """Where the fine-tuned models keep what the train section keeps in ``base``."""
+    return f"{base}/{FINETUNED}"
+
+
+def check_finetune(overrides: Any, train: dict[str, Any]) -> TrainParams:
+    """The fine-tuning train section (``train``: the base section as plain data); a ValueError
+    names the key (``pseudo_label.finetune.parts.0.lr: ...``)."""
+    where = "pseudo_label.finetune"
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where}: expected a mapping of train keys, e.g. {{parts: [...]}}")
+    fixed = [k for k in FIXED_KEYS if k in overrides]
+    if fixed:
+        raise ValueError(
+            f"{where}.{fixed[0]}: the fine-tuning continues the fold's model; set it in train"
+        )
+    return merged_train(where, overrides, train, finetuned_dir)
+
+
+def finetune_train(params: Any) -> TrainParams:
+    """The train section of ``finetune@<fold>``. Reads ``pseudo_label.finetune`` and every
+    ``train`` key but ``folds`` (what the stage declares)."""
+    fields = [f"train.{f}" for f in TrainParams.model_fields if f != "folds"]
+    base = {k.removeprefix("train."): v for k, v in read_keys(params, fields).items()}
+    try:
+        return check_finetune(params.pseudo_label.finetune, base)
+    except ValueError as exc:
+        raise ParamsError(f"params.yaml: {exc}") from None
+
+
+class FinetuneParams:
+    """``params`` seen by the fine-tuning: its own ``train`` section (``base_train``: the
+    section it continues from), everything else as it is."""
+
+    def __init__(self, params: Any) -> None:
+        self._params = params
+        self.base_train = params.train
+        self.train = finetune_train(params)
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self._params, key)

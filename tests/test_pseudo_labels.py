@@ -36,6 +36,9 @@ def test_images_are_labelled_by_their_largest_probability() -> None:
     assert np.array_equal(masks[0], expected)
     assert not masks[1].any() and not masks[2].any() and masks[3].sum() == 1
     assert masks.dtype == np.uint8
+    labels, masks, _ = label_maps(probs, positive=0.9, negative=0.05, pixel=0.5, min_area=2)
+    assert labels == [POSITIVE, EMPTY, LEFT_OUT, LEFT_OUT]  # one pixel is too small an area
+    assert masks[0].sum() == 3 and not masks[3].any()
 
 
 @pytest.mark.parametrize(

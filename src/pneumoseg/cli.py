@@ -141,7 +141,10 @@ COMMANDS: dict[str, Command] = {
         "label the confident test images with each fold's own model (pseudo_label.folds)",
         "pneumoseg.stages.pseudo_label:run",
         [Flag("--fold", "fold", int, "only this fold (default: all of pseudo_label.folds)")],
-        examples=("dvc exp run -S 'pseudo_label.folds=[0,1]'   # labels, fine-tuning, oof ...",),
+        examples=(
+            "pneumoseg pseudo_label --fold 0",
+            "dvc exp run -S 'pseudo_label.folds=[0,1]'   # labels, fine-tuning, oof ...",
+        ),
     ),
     "finetune": Command(
         "continue each fold's model on its training images plus its pseudo-labels",

@@ -227,8 +227,9 @@ def pseudo_label_decision(tuned: dict[int, dict[str, Any]]) -> Decision:
     return Decision(
         "pseudo-labels",
         f"folds {sorted(tuned)} fine-tuned on test images their own model labelled (largest "
-        f"probability >= {first['positive_confidence']}: positive, mask >= "
-        f"{first['pixel_threshold']}; < {first['negative_confidence']}: empty): {counts}. "
+        f"probability >= {first['positive_confidence']} and mask (>= "
+        f"{first['pixel_threshold']}) area >= {first.get('positive_min_area', 0)} px: positive; "
+        f"< {first['negative_confidence']}: empty): {counts}. "
         "Test images only, never an OOF image; the test truth is never read",
         set(),
     )

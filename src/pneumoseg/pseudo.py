@@ -5,7 +5,8 @@ them; README "Pseudo-labels" gives the leakage rules).
 An image is *positive* when its largest pixel probability reaches
 ``pseudo_label.positive_confidence`` (its mask: the pixels at or above ``pixel_threshold``),
 *empty* when its largest pixel probability stays below ``negative_confidence``, and *left out*
-otherwise. Layout of ``<pseudo_label.out_dir>/fold<k>/``::
+otherwise; ``positive_min_area`` > 0 also asks a positive for that many mask pixels (at the
+model's size). Layout of ``<pseudo_label.out_dir>/fold<k>/``::
 
     ids.txt, arrays.json,     the labelled images and masks at the model's size, in the layout
     <size>/images.npy, ...    of :mod:`pneumoseg.arrays` (so training reads them like its own)
@@ -30,13 +31,18 @@ LABELS, SUMMARY = "labels.csv", "pseudo.json"
 
 
 def label_maps(
-    probs: np.ndarray, positive: float, negative: float, pixel: float
+    probs: np.ndarray, positive: float, negative: float, pixel: float, min_area: int = 0
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Per probability map of ``probs`` (B, S, S) in [0, 1]: its label, its 0/1 uint8 mask
-    (empty unless positive) and its largest probability."""
+    (empty unless positive) and its largest probability. A positive also needs ``min_area``
+    mask pixels."""
     peaks = probs.reshape(len(probs), -1).max(axis=1) if len(probs) else np.zeros(0)
-    labels = [POSITIVE if p >= positive else EMPTY if p < negative else LEFT_OUT for p in peaks]
     masks = (probs >= pixel).astype(np.uint8)
+    areas = masks.reshape(len(masks), -1).sum(axis=1)
+    labels = [
+        POSITIVE if p >= positive and a >= min_area else EMPTY if p < negative else LEFT_OUT
+        for p, a in zip(peaks, areas, strict=True)
+    ]
     masks[[label != POSITIVE for label in labels]] = 0
     return labels, masks, peaks
 

@@ -112,6 +112,7 @@ STAGE_PARAMS["pseudo_label"] = (
     "pseudo_label.positive_confidence",
     "pseudo_label.negative_confidence",
     "pseudo_label.pixel_threshold",
+    "pseudo_label.positive_min_area",
     "oof.tta_hflip",
     "oof.tta_scales",
     "oof.tta_gammas",

@@ -110,6 +110,7 @@ class PseudoLabelParams(Strict):
     # ... and a pseudo-empty image when its largest pixel probability stays below this
     negative_confidence: float = Field(0.05, ge=0, lt=1)
     pixel_threshold: float = Field(0.5, gt=0, lt=1)  # a pseudo-positive's mask: probs >= this
+    positive_min_area: int = Field(0, ge=0)  # and at least this many mask pixels (model size)
     # a partial train section deep-merged into train (like ensemble.members; lists replaced)
     finetune: dict[str, Any] = Field(default_factory=default_finetune)
     out_dir: str = "data/pseudo"

@@ -49,7 +49,11 @@ def label_fold(params: Params, fold: int, progress: bool) -> dict[str, Any]:
     bar = progress_bar(total=len(test), desc=f"pseudo_label fold{fold}", bars_allowed=progress)
     for keys, probs, _ in ensemble.predict_batches(images(), size):
         labels, masks, peaks = label_maps(
-            probs, cfg.positive_confidence, cfg.negative_confidence, cfg.pixel_threshold
+            probs,
+            cfg.positive_confidence,
+            cfg.negative_confidence,
+            cfg.pixel_threshold,
+            cfg.positive_min_area,
         )
         for image_id, label, mask, peak in zip(keys, labels, masks, peaks, strict=True):
             image = small.pop(image_id)
@@ -69,6 +73,7 @@ def label_fold(params: Params, fold: int, progress: bool) -> dict[str, Any]:
         "positive_confidence": cfg.positive_confidence,
         "negative_confidence": cfg.negative_confidence,
         "pixel_threshold": cfg.pixel_threshold,
+        "positive_min_area": cfg.positive_min_area,
         "n_test": len(rows),
         "n_positive": count[POSITIVE],
         "n_empty": count[EMPTY],
@@ -82,7 +87,8 @@ def label_fold(params: Params, fold: int, progress: bool) -> dict[str, Any]:
         write_pseudo_set(work, rows, images_array, masks_array, summary)
     print(
         f"pseudo_label: fold {fold}'s model labelled {len(rows)} test images: "
-        f"{count[POSITIVE]} positive (max probability >= {cfg.positive_confidence}), "
+        f"{count[POSITIVE]} positive (max probability >= {cfg.positive_confidence}, "
+        f"area >= {cfg.positive_min_area} px), "
         f"{count[EMPTY]} empty (< {cfg.negative_confidence}), {count[LEFT_OUT]} left out -> {out}"
     )
     return summary

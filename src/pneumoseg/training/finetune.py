@@ -79,6 +79,7 @@ class FineTuner(FoldTrainer):
         resumed = super().begin()
         summary = self.pseudo.summary
         keys = ("positive_confidence", "negative_confidence", "pixel_threshold")
+        keys += ("positive_min_area",)
         counts = ("n_test", "n_positive", "n_empty", "n_left_out")
         self.tracker.log_params({f"pseudo_labels.{k}": summary[k] for k in (*keys, *counts)})
         self.tracker.set_tags(

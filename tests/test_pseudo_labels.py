@@ -175,3 +175,40 @@ def test_enabling_pseudo_labels_reruns_only_what_uses_them(
     deps = {d["path"] for d in lock["pseudo_label@0"]["deps"]}
     assert "models/folds/fold0/model.pt" in deps and "models/folds/fold1/model.pt" not in deps
     assert (project / "models/folds/finetuned/fold0/model.pt").is_file()
+
+
+def test_a_killed_finetune_resumes_to_the_same_weights_and_run(
+    tiny_pipeline: Pipeline, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+    from pipeline_helpers import env
+
+    two_epochs = {"finetune": {"parts": [{**TINY_PSEUDO["finetune"]["parts"][0], "epochs": 2}]}}
+    reference, project = (tiny_pipeline.copy(tmp_path / name) for name in ("ref", "killed"))
+    for folder in (reference, project):
+        set_params(folder, {"pseudo_label": two_epochs})
+    cli("-q", "finetune", "--fold", "0", cwd=reference)
+    kill_at = Path(__file__).parent / "kill_at.py"
+    proc = subprocess.run(
+        [sys.executable, str(kill_at), "1", "-q", "finetune", "--fold", "0"],
+        cwd=project,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = project / "checkpoints/finetuned/fold0/last.pt"
+    killed = torch.load(state, map_location="cpu", weights_only=False)["run"]
+    assert len(killed["history"]) == 1
+    cli("-q", "finetune", "--fold", "0", cwd=project)
+    got = json.loads((project / "metrics/finetuned/fold0.json").read_text())
+    assert got["mlflow_run_id"] == killed["mlflow_run_id"] and got["epochs"] == 2
+    ref_w, got_w = (
+        torch.load(p / "models/folds/finetuned/fold0/model.pt", weights_only=True)["state_dict"]
+        for p in (reference, project)
+    )
+    assert [k for k in ref_w if not torch.equal(ref_w[k], got_w[k])] == []

@@ -8,6 +8,7 @@ and the resume state); the MLflow run is ``finetune-fold<k>``, tagged ``stage=fi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from pneumoseg.models import ModelError, read_model_file
 from pneumoseg.params import FinetuneParams, digest
 from pneumoseg.pseudo import PseudoSet
-from pneumoseg.training.state import ResumeStore
+from pneumoseg.training.state import ResumeStore, RunState
 from pneumoseg.training.trainer import FoldTrainer
 
 log = logging.getLogger("pneumoseg.training")
@@ -56,10 +57,12 @@ class FineTuner(FoldTrainer):
                 self.pseudo.folder / "labels.csv",
             )
         # new labels or a new starting model make a saved resume state stale
-        key = digest({"labels": summary, "source": self.source.stat().st_mtime_ns})
+        source = hashlib.sha256(self.source.read_bytes()).hexdigest()
+        key = digest({"labels": summary, "source": source})
         self.store = ResumeStore(
             self.work, f"{self.params_hash}|{self.data_hash}|{key}|fold{fold}", self.dist
         )
+        self.state = RunState(self.store.run_key)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The fold's final weights; its network must be the one configured."""

@@ -26,15 +26,8 @@ def finetuned_dir(base: str) -> str:
 def check_finetune(overrides: Any, train: dict[str, Any]) -> TrainParams:
     """The fine-tuning train section (``train``: the base section as plain data); a ValueError
     names the key (``pseudo_label.finetune.parts.0.lr: ...``)."""
-    where = "pseudo_label.finetune"
-    if not isinstance(overrides, dict):
-        raise ValueError(f"{where}: expected a mapping of train keys, e.g. {{parts: [...]}}")
-    fixed = [k for k in FIXED_KEYS if k in overrides]
-    if fixed:
-        raise ValueError(
-            f"{where}.{fixed[0]}: the fine-tuning continues the fold's model; set it in train"
-        )
-    return merged_train(where, overrides, train, finetuned_dir)
+    why = "fixed for the fine-tuning (it continues each fold's trained model)"
+    return merged_train("pseudo_label.finetune", overrides, train, finetuned_dir, FIXED_KEYS, why)
 
 
 def finetune_train(params: Any) -> TrainParams:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -49,21 +50,26 @@ def check_member(name: str, overrides: Any, train: dict[str, Any]) -> TrainParam
             f"{where}: member names start with a letter and use letters, digits and '_' "
             f"('{MAIN}' is the train section itself)"
         )
-    if not isinstance(overrides, dict):
-        raise ValueError(
-            f"{where}: expected a mapping of train keys, e.g. {{model: {{arch: FPN}}}}"
-        )
-    shared = [k for k in SHARED_KEYS if k in overrides]
-    if shared:
-        raise ValueError(f"{where}.{shared[0]}: shared by every member, set it in train")
-    return merged_train(where, overrides, train, lambda base: member_dir(base, name))
+    layout = partial(member_dir, name=name)
+    return merged_train(where, overrides, train, layout, SHARED_KEYS, "shared by every member")
 
 
 def merged_train(
-    where: str, overrides: dict[str, Any], train: dict[str, Any], layout: Callable[[str], str]
+    where: str,
+    overrides: Any,
+    train: dict[str, Any],
+    layout: Callable[[str], str],
+    fixed: tuple[str, ...],
+    why: str,
 ) -> TrainParams:
-    """``train`` with ``overrides`` deep-merged in and its folders moved by ``layout``,
-    validated; a ValueError names the key under ``where``."""
+    """``train`` with ``overrides`` (a mapping that sets none of the ``fixed`` keys, ``why``)
+    deep-merged in and its folders moved by ``layout``, validated; a ValueError names the key
+    under ``where``."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where}: expected a mapping of train keys, e.g. {{seed: 7}}")
+    refused = [k for k in fixed if k in overrides]
+    if refused:
+        raise ValueError(f"{where}.{refused[0]}: {why}, set it in train")
     merged = deep_merged(train, overrides)
     for key in LAYOUT_KEYS:
         merged[key] = layout(train[key])

@@ -38,7 +38,8 @@ class FineTuner(FoldTrainer):
         if not self.source.is_file():
             raise FileNotFoundError(f"{self.source}: missing; run `dvc repro train@{fold}` first")
         self.pseudo = PseudoSet.read(Path(params.pseudo_label.out_dir) / f"fold{fold}", fold)
-        overlap = set(self.pseudo.ids) & (set(self.train_ids) | set(self.images.held_out))
+        own = {*self.train_ids, *self.images.select, *self.images.held_out}  # folds.csv
+        overlap = set(self.pseudo.ids) & own
         if overlap:  # test images only: a training image here would be a leak
             raise ValueError(
                 f"{self.pseudo.folder}: {len(overlap)} pseudo-labelled images are training "

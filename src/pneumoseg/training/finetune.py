@@ -19,7 +19,6 @@ import torch
 from pneumoseg.models import ModelError, read_model_file
 from pneumoseg.params import FinetuneParams, digest
 from pneumoseg.pseudo import PseudoSet
-from pneumoseg.training.state import ResumeStore, RunState
 from pneumoseg.training.trainer import FoldTrainer
 
 log = logging.getLogger("pneumoseg.training")
@@ -33,11 +32,11 @@ class FineTuner(FoldTrainer):
     stage_name = "finetune"
 
     def __init__(self, params: FinetuneParams, fold: int, progress: bool = True) -> None:
-        super().__init__(params, fold, progress)
         self.source = Path(params.base_train.models_dir) / f"fold{fold}" / "model.pt"
         if not self.source.is_file():
             raise FileNotFoundError(f"{self.source}: missing; run `dvc repro train@{fold}` first")
         self.pseudo = PseudoSet.read(Path(params.pseudo_label.out_dir) / f"fold{fold}", fold)
+        super().__init__(params, fold, progress)  # (its resume key: run_key below)
         own = {*self.train_ids, *self.images.select, *self.images.held_out}  # folds.csv
         overlap = set(self.pseudo.ids) & own
         if overlap:  # test images only: a training image here would be a leak
@@ -57,13 +56,12 @@ class FineTuner(FoldTrainer):
                 fold,
                 self.pseudo.folder / "labels.csv",
             )
-        # new labels or a new starting model make a saved resume state stale
+
+    def run_key(self) -> str:
+        """Training's key plus the labels and the starting model's bytes: new labels or a new
+        starting model make a saved resume state stale."""
         source = hashlib.sha256(self.source.read_bytes()).hexdigest()
-        key = digest({"labels": summary, "source": source})
-        self.store = ResumeStore(
-            self.work, f"{self.params_hash}|{self.data_hash}|{key}|fold{fold}", self.dist
-        )
-        self.state = RunState(self.store.run_key)
+        return f"{super().run_key()}|{digest({'labels': self.pseudo.summary, 'source': source})}"
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The fold's final weights; its network must be the one configured."""
@@ -82,8 +80,12 @@ class FineTuner(FoldTrainer):
         params (idempotent: a resumed run logs the same values again)."""
         resumed = super().begin()
         summary = self.pseudo.summary
-        keys = ("positive_confidence", "negative_confidence", "pixel_threshold")
-        keys += ("positive_min_area",)
+        keys = (
+            "positive_confidence",
+            "negative_confidence",
+            "pixel_threshold",
+            "positive_min_area",
+        )
         counts = ("n_test", "n_positive", "n_empty", "n_left_out")
         self.tracker.log_params({f"pseudo_labels.{k}": summary[k] for k in (*keys, *counts)})
         self.tracker.set_tags(

@@ -99,9 +99,7 @@ class FoldTrainer:
         self.plots = Path(self.cfg.plots_dir) / f"fold{fold}"
         self.data_hash = data_hash(params.data.processed_dir, params.split.out)
         self.params_hash = stage_digest(params, self.stage_name)
-        self.store = ResumeStore(
-            self.work, f"{self.params_hash}|{self.data_hash}|fold{fold}", self.dist
-        )
+        self.store = ResumeStore(self.work, self.run_key(), self.dist)
         self.tracker = Tracker(params.mlflow, enabled=self.dist.main, retry_later=True)
         # without a selection split the top-k are simply the last k epochs of each part
         self.monitor = self.cfg.checkpoint.monitor if self.val_ids else "epoch"
@@ -181,6 +179,10 @@ class FoldTrainer:
         )
         set_rng_state(tstate["rng"])  # after building the model, as in an uninterrupted run
         return tstate
+
+    def run_key(self) -> str:
+        """What a saved resume state must have been made with to be resumed."""
+        return f"{self.params_hash}|{self.data_hash}|fold{self.fold}"
 
     def initial_state(self) -> dict[str, torch.Tensor] | None:
         """The weights a new run starts from (None: the seeded initialisation)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oof_maps import deployed_maps, oof_rows
 from pipeline_helpers import Pipeline, pneumoseg, set_params
 
 pytestmark = pytest.mark.slow
@@ -33,22 +34,19 @@ def project(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -
     return path
 
 
-def oof_arrays(project: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """OOF maps, masks, native widths and view positions in OOF row order."""
-    manifest = {r["ImageId"]: r for r in rows(project / "data/processed/manifest.csv")}
-    ids = [r["ImageId"] for r in rows(project / "oof/ids.csv")]
-    probs = np.load(project / "oof/probs.npy")
-    masks = np.load(project / "oof/masks.npy")
-    native = np.array([int(manifest[i]["width"]) for i in ids])
-    views = np.array([manifest[i]["view_position"] for i in ids])
-    return probs, masks, native, views
+def oof_arrays(project: Path, post: dict) -> tuple[np.ndarray, ...]:
+    """The maps thresholds tuned on (the members blended with the weights it chose), masks,
+    native widths and view positions, in OOF row order."""
+    oof = oof_rows(project)
+    maps = deployed_maps(project, post.get("member_weights"))
+    return maps, oof.masks, oof.native, oof.field("view_position")
 
 
 def naive_grouped(project: Path, post: dict) -> float:
     """Mean Kaggle dice with each image's group triplet, by re-thresholding every map."""
     from pneumoseg.postprocess import Triplet, kaggle_dice_naive
 
-    probs, masks, native, views = oof_arrays(project)
+    probs, masks, native, views = oof_arrays(project, post)
     dice = np.empty(len(probs))
     for g, t in post["groups"].items():
         idx = np.flatnonzero(views == g)
@@ -58,7 +56,8 @@ def naive_grouped(project: Path, post: dict) -> float:
 
 def test_one_triplet_per_group_and_exact_score(project: Path) -> None:
     post = json.loads((project / "models/postprocess.json").read_text())
-    _, _, _, views = oof_arrays(project)
+    assert set(post["member_weights"]) == {"main", "tiny"}  # the tiny pipeline's two members
+    probs, masks, native, views = oof_arrays(project, post)
     assert post["group_by"] == "view_position"
     assert set(post["groups"]) == set(views.tolist()) == {"AP", "PA"}
     assert post["group_sizes"] == {g: int((views == g).sum()) for g in ("AP", "PA")}
@@ -68,7 +67,6 @@ def test_one_triplet_per_group_and_exact_score(project: Path) -> None:
     # per group, the better of the study's and the grid's triplet, both re-scored naively
     from pneumoseg.postprocess import Triplet, kaggle_dice_naive
 
-    probs, masks, native, views = oof_arrays(project)
     for g, found in post["group_candidates"].items():
         idx = np.flatnonzero(views == g)
 

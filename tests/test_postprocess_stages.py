@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from oof_maps import blended, deployed_maps, member_maps, oof_rows
 from pipeline_helpers import Pipeline, cli, env, pneumoseg, set_params
 
 pytestmark = pytest.mark.slow
@@ -50,16 +52,11 @@ def test_postprocess_score_equals_naive_recomputation(trained: Path) -> None:
 
     post = json.loads((trained / "models/postprocess.json").read_text())
     t = Triplet(**{k: post[k] for k in Triplet.__dataclass_fields__})
-    probs = np.load(trained / "oof/probs.npy")
-    weights = post.get("member_weights")
-    if weights:  # the tiny pipeline's two members: the maps tuned are their weighted mean
-        maps = {n: np.load(trained / f"oof/members/{n}/probs.npy") for n in weights if n != "main"}
-        maps["main"] = probs
-        mean = sum(maps[n].astype(np.float64) * w for n, w in weights.items())
-        probs = np.rint(mean).astype(np.uint8)  # (weights 1/2 here: exact in binary)
-    masks = np.load(trained / "oof/masks.npy")
-    manifest = {r["ImageId"]: r for r in rows(trained / "data/processed/manifest.csv")}
-    native = np.array([int(manifest[r["ImageId"]]["width"]) for r in rows(trained / "oof/ids.csv")])
+    # the tiny pipeline's two members: the maps tuned are their mean with the chosen weights
+    assert set(post["member_weights"]) == {"main", "tiny"}
+    probs = deployed_maps(trained, post["member_weights"])
+    oof = oof_rows(trained)
+    masks, native = oof.masks, oof.native
     assert kaggle_dice_naive(probs, masks, t, native).mean() == pytest.approx(
         post["score"], abs=1e-12
     )
@@ -88,23 +85,40 @@ def test_postprocess_score_equals_naive_recomputation(trained: Path) -> None:
 
 
 def test_evaluate_reports_honest_numbers(trained: Path) -> None:
-    from pneumoseg.postprocess import Triplet, kaggle_dice_naive
+    from pneumoseg.postprocess import Triplet, TripletScorer, exhaustive_best, kaggle_dice_naive
 
     ev = json.loads((trained / "metrics/evaluate.json").read_text())
     post = json.loads((trained / "models/postprocess.json").read_text())
     assert ev["kaggle_dice"] == pytest.approx(post["score"], abs=1e-12)
-    probs = np.load(trained / "oof/probs.npy")
-    masks = np.load(trained / "oof/masks.npy")
     ids = rows(trained / "oof/ids.csv")
     manifest = {r["ImageId"]: r for r in rows(trained / "data/processed/manifest.csv")}
-    native = np.array([int(manifest[r["ImageId"]]["width"]) for r in ids])
-    folds = np.array([int(r["fold"]) for r in ids])
-    # cross-fitted: each fold scored naively with the triplet tuned on the other fold
+    oof = oof_rows(trained)
+    masks, native, folds = oof.masks, oof.native, oof.folds
+    maps = member_maps(trained)
+    assert set(maps) == {"main", "tiny"}  # the tiny pipeline's two members
+    areas = yaml.safe_load((trained / "params.yaml").read_text())["thresholds"]["exhaustive_areas"]
+    step = yaml.safe_load((trained / "params.yaml").read_text())["ensemble"]["weight_step"]
+    units = round(1 / step)
+    candidates = [{"main": i / units, "tiny": 1 - i / units} for i in range(units + 1)]
+    # cross-fitted: each fold scored naively on the members blended with the weights refitted
+    # on the other fold, with the triplet tuned there
     dice = np.empty(len(ids))
     for k in (0, 1):
-        t = ev["per_fold"][str(k)]["cross_fit_thresholds"]
-        t = Triplet(**{f: t[f] for f in Triplet.__dataclass_fields__})
+        tuned = ev["per_fold"][str(k)]["cross_fit_thresholds"]
+        weights = tuned["member_weights"]
+        others = folds != k
+
+        def fitted(w: dict[str, float], others: np.ndarray = others) -> float:
+            scorer = TripletScorer(blended(maps, w)[others], masks[others], native[others])
+            return exhaustive_best(scorer, areas)[1]
+
+        # the refitted weights reach the best exhaustive score of any grid point on the other
+        # fold (ties between candidates may pick any of them)
+        best = max(fitted(w) for w in candidates)
+        assert fitted(weights) == pytest.approx(best, abs=1e-12)
+        t = Triplet(**{f: tuned[f] for f in Triplet.__dataclass_fields__})
         held = folds == k
+        probs = blended(maps, weights)
         dice[held] = kaggle_dice_naive(probs[held], masks[held], t, native[held])
         assert ev["per_fold"][str(k)]["kaggle_dice_cross_fitted"] == pytest.approx(
             dice[held].mean(), abs=1e-12

@@ -41,10 +41,20 @@ def test_only_the_cli_imports_stages_and_no_stage_imports_another() -> None:
     assert offenders == []
 
 
-def test_modules_are_small_and_stages_thin() -> None:
-    sizes = {module_name(p): len(p.read_text().splitlines()) for p in MODULES}
-    assert {n: s for n, s in sizes.items() if s > 400} == {}
-    assert {n: s for n, s in sizes.items() if is_stage(n) and s > 200} == {}
+def test_functions_stay_within_the_complexity_limits() -> None:
+    """ruff's C901 (complexity 15), PLR0912 (15 branches) and PLR0915 (60 statements) on the
+    package, as configured in pyproject.toml: a function that does two jobs is split."""
+    import subprocess
+    import sys
+
+    root = PACKAGE.parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--select", "C901,PLR0912,PLR0915", str(PACKAGE)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
 
 
 def test_no_private_optuna_api() -> None:

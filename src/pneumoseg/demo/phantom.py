@@ -53,7 +53,45 @@ class Radiograph:
         return out
 
 
-def synthesize(seed: int, split: str, index: int, size: int, positive: bool) -> Radiograph:
+def draw_lungs(
+    rng: np.random.Generator, canvas: Canvas, an: Anatomy, heart: np.ndarray
+) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Both lung fields (0/1 uint8, the heart cut out), their outlines by side and each
+    pixel's distance to the chest wall (the apical, lateral and basal lung border, not the
+    mediastinum, heart or diaphragm): pneumothoraces hug the wall."""
+    S = canvas.size
+    lung_bin = np.zeros((S, S), np.uint8)
+    outlines = {}
+    for side in (-1, 1):
+        drop = rng.uniform(-0.03, 0.04) + (0.02 if side == 1 else 0.0)
+        w_side = an.wsc * (0.95 if side == 1 else 1.0) * rng.uniform(0.97, 1.03)
+        curve, labels = lung_outline(rng, side, an.cx, w_side, an.hsc, an.top, drop)
+        outlines[side] = (curve, labels)
+        lung_bin |= canvas.mask([curve])
+    lung_bin[heart > 0.5] = 0
+    wall = np.full((S, S), 255, np.uint8)
+    wall_paths = []
+    for curve, labels in outlines.values():
+        on_wall = labels != "medial"
+        on_wall &= labels != "dome"
+        wall_paths.append(canvas.px(curve[on_wall]))
+    shift = Canvas.SHIFT
+    cv2.polylines(
+        wall,
+        [np.round(p * (1 << shift)).astype(np.int32) for p in wall_paths],
+        False,
+        0,
+        1,
+        cv2.LINE_8,
+        shift,
+    )
+    return lung_bin, outlines, cv2.distanceTransform(wall, cv2.DIST_L2, 5)
+
+
+# one recipe, step by step in the order of its random draws (the demo's bytes depend on it)
+def synthesize(  # noqa: PLR0915
+    seed: int, split: str, index: int, size: int, positive: bool
+) -> Radiograph:
     """Generate one radiograph, seeded by ``(seed, split, index)`` alone.
 
     Smooth components are drawn on a quarter-size canvas, vessels and bones on a half-size one,
@@ -85,38 +123,10 @@ def synthesize(seed: int, split: str, index: int, size: int, positive: bool) -> 
     heart, medi_att_lo, medi_lo = draw_mediastinum(rng, canvas, low, an)
     add_lo = add_lo + medi_att_lo
 
-    # --- lungs -----------------------------------------------------------------------------
-    lung_bin = np.zeros((S, S), np.uint8)
-    outlines = {}
-    for side in (-1, 1):
-        drop = rng.uniform(-0.03, 0.04) + (0.02 if side == 1 else 0.0)
-        w_side = wsc * (0.95 if side == 1 else 1.0) * rng.uniform(0.97, 1.03)
-        curve, labels = lung_outline(rng, side, cx, w_side, hsc, top, drop)
-        outlines[side] = (curve, labels)
-        lung_bin |= canvas.mask([curve])
-    lung_bin[heart > 0.5] = 0
+    lung_bin, outlines, depth = draw_lungs(rng, canvas, an, heart)
     lung = lung_bin.astype(bool)
     lung_soft = smooth(lung_bin.astype(np.float32), 0.005 * S)
     lung_lo = cv2.resize(lung_soft, (L, L), interpolation=cv2.INTER_AREA)
-    # distance to the chest wall (apical, lateral and basal lung border, not the mediastinum,
-    # heart or diaphragm): pneumothoraces hug the wall
-    wall = np.full((S, S), 255, np.uint8)
-    wall_paths = []
-    for curve, labels in outlines.values():
-        on_wall = labels != "medial"
-        on_wall &= labels != "dome"
-        wall_paths.append(canvas.px(curve[on_wall]))
-    shift = Canvas.SHIFT
-    cv2.polylines(
-        wall,
-        [np.round(p * (1 << shift)).astype(np.int32) for p in wall_paths],
-        False,
-        0,
-        1,
-        cv2.LINE_8,
-        shift,
-    )
-    depth = cv2.distanceTransform(wall, cv2.DIST_L2, 5)
 
     # --- pneumothorax regions (decided before the lung is rendered; they change it) ---------
     lesions = pick_lesions(rng, canvas, outlines, lung, depth) if positive else []

@@ -134,6 +134,8 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
 
     def owned(trial: optuna.Trial) -> float:  # a worker that dies leaves its trial recoverable
         trial.set_user_attr(OWNER_ATTR, owner)
+        if tracker.run_id:  # the run whose metrics hold this trial (step = trial number)
+            trial.set_user_attr("mlflow_run_id", tracker.run_id)
         return objective(trial)
 
     register_worker(study, owner)  # before its first trial (see stale_trials)
@@ -162,6 +164,25 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         "storage": redact(storage_url),
         "mlflow_run_id": tracker.run_id,
     }
+    out = write_outputs(cfg, study, result, weights, tracker)
+    heatmap(cfg, grids, settings, post, tracker)
+    tracker.end()
+    ex = result.get("exhaustive")
+    print(
+        f"thresholds: best {result['score']:.4f} ({result['selected']}) after "
+        f"{result['n_trials']} trials ({remaining} new in {elapsed:.1f}s; empty baseline "
+        f"{result['empty_baseline']:.4f})"
+        + (f"; exhaustive optimum {ex['score']:.4f} in {ex['seconds']}s" if ex else "")
+        + f" -> {out}"
+    )
+    return result
+
+
+def write_outputs(
+    cfg: Any, study: Any, result: dict[str, Any], weights: Any, tracker: Tracker
+) -> Path:
+    """``postprocess.json``, the metrics file and the study plots (PNG for DVC, HTML for MLflow
+    only), logged to the thresholds run; returns the postprocess path."""
     out = Path(cfg.out)
     write_json(out, result)
     metrics = {k: result.get(k) for k in METRIC_KEYS}
@@ -173,25 +194,22 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pneumoseg-study-html-") as html:  # MLflow only
         for path in save_study_plots(study, Path(cfg.plots_dir), html_dir=Path(html)):
             tracker.log_artifact(path, "study_plots")
-    if grids:  # the grid of the deployed triplet's gate (else the first), its triplet marked
-        gate = post.default.cls_gate if post.default.cls_gate in grids else next(iter(grids))
-        heatmap = Path(cfg.plots_dir) / "exhaustive_heatmap.png"
-        same = gate == post.default.cls_gate
-        threshold_heatmap(grids[gate], settings.areas, post.default, heatmap, same)
-        tracker.log_artifact(heatmap, "plots")
     tracker.log_metrics(
         {"best_score": result["score"], "empty_baseline": result["empty_baseline"]}
         | ({"exhaustive_score": result["exhaustive"]["score"]} if "exhaustive" in result else {}),
         step=len(study.trials),
     )
     tracker.log_artifact(out)
-    tracker.end()
-    ex = result.get("exhaustive")
-    print(
-        f"thresholds: best {result['score']:.4f} ({result['selected']}) after "
-        f"{result['n_trials']} trials ({remaining} new in {elapsed:.1f}s; empty baseline "
-        f"{result['empty_baseline']:.4f})"
-        + (f"; exhaustive optimum {ex['score']:.4f} in {ex['seconds']}s" if ex else "")
-        + f" -> {out}"
-    )
-    return result
+    return out
+
+
+def heatmap(cfg: Any, grids: dict[Any, Any], settings: Any, post: Any, tracker: Tracker) -> None:
+    """The exhaustive grid of the deployed triplet's gate (else the first), its triplet
+    marked: ``plots/thresholds/exhaustive_heatmap.png``, logged too."""
+    if not grids:
+        return
+    gate = post.default.cls_gate if post.default.cls_gate in grids else next(iter(grids))
+    path = Path(cfg.plots_dir) / "exhaustive_heatmap.png"
+    same = gate == post.default.cls_gate
+    threshold_heatmap(grids[gate], settings.areas, post.default, path, same)
+    tracker.log_artifact(path, "plots")

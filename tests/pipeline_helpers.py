@@ -157,7 +157,7 @@ def cli(*args: str, cwd: Path, check: bool = True) -> tuple[int, str, str]:
 STAGES = (
     *("demo", "convert", "arrays", "split", "train", "member", "pseudo_label", "finetune"),
     "oof",
-    *("thresholds", "evaluate", "register", "submit"),
+    *("thresholds", "evaluate", "register", "submit", "result"),
 )
 
 

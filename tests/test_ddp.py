@@ -63,7 +63,7 @@ def test_torchrun_two_processes_train_one_fold(tiny_pipeline: Pipeline, tmp_path
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
-    exp = client.get_experiment_by_name("pneumoseg")
+    exp = client.get_experiment_by_name("pneumoseg-stages")
     (only,) = client.search_runs([exp.experiment_id])
     assert only.info.run_id == result["mlflow_run_id"]
     assert only.info.status == "FINISHED" and only.data.tags["fold"] == "0"
@@ -105,7 +105,7 @@ def test_nproc_per_node_runs_the_dvc_stage_in_two_ranks(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
-    exp = client.get_experiment_by_name("pneumoseg")
+    exp = client.get_experiment_by_name("pneumoseg-stages")
     runs = client.search_runs([exp.experiment_id], "tags.fold = '0'")
     (new,) = [r for r in runs if r.info.run_id != before]  # one run for the two ranks
     assert new.info.run_id == result["mlflow_run_id"] and new.info.status == "FINISHED"

@@ -159,7 +159,7 @@ def test_the_member_trains_on_the_same_folds_with_its_own_record(tiny_pipeline: 
 
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     runs = client.search_runs(
-        [client.get_experiment_by_name("pneumoseg").experiment_id],
+        [client.get_experiment_by_name("pneumoseg-stages").experiment_id],
         "tags.ensemble_member = 'tiny'",
     )
     assert sorted(r.info.run_name for r in runs) == ["train-tiny-fold0", "train-tiny-fold1"]

@@ -26,6 +26,7 @@ def test_dvc_repro_end_to_end(dvc_project: DvcProject, tmp_path: Path) -> None:
         "evaluate",
         "register",
         "submit",
+        "result",
     }
     project = dvc_project.copy(tmp_path / "proj")
     for path in (

@@ -198,6 +198,15 @@ def test_models_list_and_show(project: Path) -> None:
     assert [v["version"] for v in listed] == ["2", "1"]
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     assert listed[1]["kaggle_dice"] == pytest.approx(evaluation["kaggle_dice"])
+    # the honest number first, with its interval, as evaluate wrote it
+    untouched, (low, high) = (
+        evaluation["kaggle_dice_untouched"],
+        evaluation["kaggle_dice_untouched_ci95"],
+    )
+    assert listed[0]["kaggle_dice_untouched"] == pytest.approx(untouched)
+    assert listed[0]["kaggle_dice_untouched_ci95"] == pytest.approx([low, high])
+    assert lines[0].split()[4:7] == ["untouched", "(95%", "CI)"]
+    assert f"{untouched:.4f} ({low:.4f}-{high:.4f})" in lines[1]
     _, text, _ = cli("models", "show", "1", "--json", cwd=project)
     info = json.loads(text)
     runs = [json.loads((project / f"metrics/fold{k}.json").read_text()) for k in (0, 1)]

@@ -57,7 +57,7 @@ def mlflow_runs(project: Path) -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
-    exp = client.get_experiment_by_name("pneumoseg")
+    exp = client.get_experiment_by_name("pneumoseg-stages")
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
@@ -275,6 +275,64 @@ def kill_after(project: Path, fold: int, epochs: int) -> dict:
     return torch.load(state, map_location="cpu", weights_only=False)["run"]
 
 
+def history_rows(project: Path, fold: int = 0) -> list[dict[str, str]]:
+    import csv
+
+    with (project / f"plots/fold{fold}/history.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_observed_heldout_curves_change_nothing_the_training_decides(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.observe_heldout_every: the held-out fold scored every epoch, observed only: the
+    weights, the checkpoint ranking and the record are bit for bit those of a run that never
+    looks, and the last look equals the final record's held-out score of the same weights."""
+    monkeypatch.setenv("PNEUMOSEG_THREADS", "1")  # bit-for-bit weights: one thread count
+    # a classification head trains through dropout: the global random stream matters
+    parts = [p | {"loss": p["loss"] | {"cls": 0.5}} for p in FOUR_EPOCHS["train"]["parts"]]
+    train = {"checkpoint": {"top_k": 2, "final": "last"}, "parts": parts}
+    train["model"] = {"classification_head": True}
+    runs = {}
+    for every in (1, 0):
+        project = clone(data_dir, tmp_path / f"every{every}")
+        set_params(project, {"train": {"observe_heldout_every": every, **train}})
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["ensemble"]["members"] = {}  # the tiny member has no classifier loss
+        params["pseudo_label"]["folds"] = []
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        pneumoseg("-q", "train", "--fold", "0", cwd=project)
+        runs[every] = project
+    looked, blind = runs[1], runs[0]
+    ref = state_dict(blind / "models/folds/fold0/model.pt")
+    got = state_dict(looked / "models/folds/fold0/model.pt")
+    assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
+    for name in ("checkpoints.json",):
+        assert (looked / "models/folds/fold0" / name).read_text() == (
+            blind / "models/folds/fold0" / name
+        ).read_text()
+    looked_record = json.loads((looked / "metrics/fold0.json").read_text())
+    blind_record = json.loads((blind / "metrics/fold0.json").read_text())
+    for key in ("best_epoch", "final", "heldout", "best"):
+        assert looked_record[key] == blind_record[key], key
+    rows, plain = history_rows(looked), history_rows(blind)
+    assert all(r["observed_heldout_loss"] for r in rows)  # every epoch
+    assert "observed_heldout_loss" not in plain[0]
+    for a, b in zip(rows, plain, strict=True):  # the training columns are identical
+        assert {k: a[k] for k in b if k != "epoch_seconds"} == {
+            k: b[k] for k in b if k != "epoch_seconds"
+        }
+    # the last look scored the final (= last) weights on the held-out fold, as the record did
+    heldout = looked_record["heldout"]
+    assert float(rows[-1]["observed_heldout_loss"]) == pytest.approx(heldout["heldout_loss"])
+    assert float(rows[-1]["observed_heldout_kaggle_dice"]) == pytest.approx(
+        heldout["heldout_kaggle_dice"]
+    )
+    assert float(rows[-1]["observed_heldout_dice_pos"]) == pytest.approx(
+        heldout["heldout_dice_pos"]
+    )
+
+
 def test_kill_mid_part_and_in_swa_then_resume_gives_identical_weights(
     data_dir: Path, tmp_path: Path
 ) -> None:
@@ -308,9 +366,13 @@ def test_kill_mid_part_and_in_swa_then_resume_gives_identical_weights(
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
     per_epoch = [k for k in run.data.metrics if not k.startswith(("final_", "heldout_", "system/"))]
     assert {"train_loss", "val_loss", "lr", "sample_rate"} <= set(per_epoch)
+    every = yaml.safe_load((project / "params.yaml").read_text())["train"]["observe_heldout_every"]
+    observed = [e for e in range(1, 8) if e % every == 0 or e == 7]  # and after the last
+    assert observed and {"observed_heldout_loss", "observe_seconds"} <= set(per_epoch)
     for key in per_epoch:  # exactly one value per metric and epoch, none lost, none twice
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-        assert sorted(steps) == list(range(1, 8)), (key, steps)
+        expected = observed if key.startswith("observe") else list(range(1, 8))
+        assert sorted(steps) == expected, (key, steps)
     assert not (project / "checkpoints/fold1").exists()
 
 

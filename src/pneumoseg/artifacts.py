@@ -183,7 +183,15 @@ def open_oof_arrays(
 
 # Columns every learning_curves.csv has (blank where a run did not log them), so the plots of
 # dvc.yaml always find their fields.
-CURVE_FIELDS = ("fold", "epoch", "train_loss", "val_loss", "val_kaggle_dice")
+CURVE_FIELDS = (
+    "fold",
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_kaggle_dice",
+    "observed_heldout_loss",
+    "observed_heldout_kaggle_dice",
+)
 
 
 def write_learning_curves(

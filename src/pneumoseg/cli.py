@@ -212,6 +212,11 @@ COMMANDS: dict[str, Command] = {
         "pneumoseg.stages.register:run",
         examples=("pneumoseg register && pneumoseg models list",),
     ),
+    "result": Command(
+        "record the pipeline's result as one MLflow row: every param, the honest scores, links",
+        "pneumoseg.stages.result:run",
+        examples=("pneumoseg result && cat metrics/result.json",),
+    ),
     "models": Command(
         "the model registry: list, promote VERSION, rollback, show VERSION",
         "pneumoseg.commands.models:run",

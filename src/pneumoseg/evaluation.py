@@ -167,6 +167,19 @@ def decisions(
             ALL_SCORES,
         )
     )
+    observed = {k: m.get("observe_heldout_every") or 0 for k, m in sorted(models.items())}
+    looked = set().union(*(by_fold.get(k, set()) for k, every in observed.items() if every))
+    if looked:
+        every = ", ".join(f"fold {k}: {n}" for k, n in observed.items() if n)
+        out.append(
+            Decision(
+                "held-out curves (observed only)",
+                f"train.observe_heldout_every ({every} epochs): each fold's held-out loss, Kaggle "
+                "dice and dice_pos logged as the observed_heldout_* curves. No training decision "
+                "reads them, but a person may have looked at them before changing params",
+                looked,
+            )
+        )
     tuned = {k: m["pseudo_labels"] for k, m in sorted(models.items()) if m.get("pseudo_labels")}
     if tuned:
         out.append(pseudo_label_decision(tuned))
@@ -256,3 +269,53 @@ def untouched_reason(found: list[Decision], n_oof: int) -> str:
     """Why no OOF image is untouched (the decisions that saw them all)."""
     names = [d.name for d in found if "kaggle_dice_cross_fitted" in d.affects and d.saw]
     return f"every OOF image was seen by a decision ({', '.join(names)}) of {n_oof} images"
+
+
+# The columns of the per-image table (``evaluate.per_image``; MLflow: ``per_image.json``).
+PER_IMAGE_FIELDS = (
+    "row",
+    "ImageId",
+    "fold",
+    "has_mask",
+    "dice_cross_fitted",
+    "dice_in_sample",
+    "gt_pixels",
+    "pred_pixels",
+    "max_prob",
+    "untouched",
+    "seen_by",
+)
+
+
+def per_image_rows(
+    ids: list[tuple[str, int]],
+    has_mask: np.ndarray,
+    scores: Mapping[str, np.ndarray | None],
+    found: list[Decision],
+) -> list[dict[str, Any]]:
+    """One row per OOF image, in OOF row order: its id (as in the manifest: pseudonymised when
+    ids are), fold, whether it has a lesion, the cross-fitted and in-sample dice, truth and
+    predicted pixels (at the OOF map size, the deployed post-processing), its largest
+    probability, and the decisions that saw it (``seen_by``; none: ``untouched``).
+    ``scores``: ``dice_cross_fitted`` (None with one fold), ``dice_in_sample``, ``gt_pixels``,
+    ``pred_pixels``, ``max_level`` (0..255) and ``untouched`` (:func:`untouched`)."""
+    cross = scores["dice_cross_fitted"]
+    rows = []
+    for k, (image_id, fold) in enumerate(ids):
+        seen = [d.name for d in found if image_id in d.saw]
+        rows.append(
+            {
+                "row": k,
+                "ImageId": image_id,
+                "fold": fold,
+                "has_mask": int(has_mask[k]),
+                "dice_cross_fitted": None if cross is None else round(float(cross[k]), 6),
+                "dice_in_sample": round(float(scores["dice_in_sample"][k]), 6),
+                "gt_pixels": int(scores["gt_pixels"][k]),
+                "pred_pixels": int(scores["pred_pixels"][k]),
+                "max_prob": round(int(scores["max_level"][k]) / 255, 4),
+                "untouched": int(scores["untouched"][k]),
+                "seen_by": "; ".join(seen),
+            }
+        )
+    return rows

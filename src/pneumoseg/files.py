@@ -89,9 +89,10 @@ def write_text_atomic(path: Path | str, text: str) -> None:
         fh.write(text)
 
 
-def write_json(path: Path | str, data: Any) -> None:
-    """``data`` as indented, key-sorted JSON (the metrics files DVC diffs), atomically."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json(path: Path | str, data: Any, sort_keys: bool = True) -> None:
+    """``data`` as indented JSON (the metrics files DVC diffs), atomically; keys sorted unless
+    their order is the point (``dvc exp show`` lists a file's keys in its order)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def read_json(path: Path | str, hint: str) -> Any:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -59,16 +60,32 @@ def source_tags(lineage: dict[str, str], command: str) -> dict[str, str]:
     return tags
 
 
-def dvc_md5(path: str, stage: str | None = None) -> str | None:
-    """The md5 DVC recorded in ``dvc.lock`` for output ``path`` (of ``stage``, else of any
-    stage; a folder's ends in ``.dir``), or None (no lock file, or not a DVC output)."""
+def dvc_lock_stages() -> dict[str, dict[str, Any]]:
+    """The stage entries of ``dvc.lock`` in the current folder ({} without one): what DVC
+    recorded when each stage last ran or was restored (its params, deps and outs)."""
     lock = Path("dvc.lock")
     if not lock.is_file():
-        return None
+        return {}
     try:
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     except yaml.YAMLError:
+        return {}
+    return stages if isinstance(stages, dict) else {}
+
+
+def dvc_lock_params(stage: str) -> dict[str, Any] | None:
+    """The ``params.yaml`` keys and values ``dvc.lock`` records for ``stage`` (e.g.
+    ``train@0``): the params its outputs were made with; None when the lock has no entry."""
+    entry = dvc_lock_stages().get(stage)
+    if entry is None:
         return None
+    return dict((entry.get("params") or {}).get("params.yaml") or {})
+
+
+def dvc_md5(path: str, stage: str | None = None) -> str | None:
+    """The md5 DVC recorded in ``dvc.lock`` for output ``path`` (of ``stage``, else of any
+    stage; a folder's ends in ``.dir``), or None (no lock file, or not a DVC output)."""
+    stages = dvc_lock_stages()
     wanted = path.rstrip("/")
     for name, entry in stages.items():
         if stage is not None and name != stage:

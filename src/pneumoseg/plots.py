@@ -82,16 +82,19 @@ def pixel_free_notice(path: Path, setting: str) -> Path:
 
 
 def save_overlay_grid(
-    cases: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], path: Path, cols: int = 4
+    cases: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    path: Path,
+    cols: int = 4,
+    labels: Sequence[str] | None = None,
 ) -> Path:
-    """Grid of (image, truth, prediction, dice) overlays with the dice written on each tile."""
+    """Grid of (image, truth, prediction, dice) overlays with the dice written on each tile,
+    after the tile's label when given (e.g. its row of the per-image table)."""
     tiles = []
-    for image, truth, pred, dice in cases:
+    for k, (image, truth, pred, dice) in enumerate(cases):
         tile = overlay(image, pred, truth)
         tile = cv2.resize(tile, (256, 256), interpolation=cv2.INTER_NEAREST)
-        cv2.putText(
-            tile, f"dice {dice:.2f}", (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 0), 1
-        )
+        text = f"{labels[k]} dice {dice:.2f}" if labels else f"dice {dice:.2f}"
+        cv2.putText(tile, text, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 0), 1)
         tiles.append(tile)
     while len(tiles) % cols:
         tiles.append(np.zeros_like(tiles[0]))
@@ -111,7 +114,8 @@ def evaluation_plots(
 ) -> list[Path]:
     """``evaluate``'s PNGs in ``out``: the OOF score against the bottom threshold (the tuned
     top threshold and min area kept), the per-image dice histogram, and the ``gallery`` worst
-    false positives / negatives as overlays; ``case(i)`` gives OOF row ``i``'s (image, truth,
+    false positives / negatives as overlays, each tile labelled ``#<row>``: its row of the
+    per-image table (``evaluate.per_image``); ``case(i)`` gives OOF row ``i``'s (image, truth,
     prediction) at the map size; ``scorer`` a :class:`pneumoseg.postprocess.TripletScorer`."""
     import dataclasses
 
@@ -158,7 +162,8 @@ def evaluation_plots(
     for name, pick in (("worst_false_positives", fp), ("worst_false_negatives", fn)):
         if pick:
             cases = [(*case(int(i)), float(dice[i])) for i in pick]
-            written.append(save_overlay_grid(cases, out / f"{name}.png"))
+            labels = [f"#{int(i)}" for i in pick]
+            written.append(save_overlay_grid(cases, out / f"{name}.png", labels=labels))
     return written
 
 

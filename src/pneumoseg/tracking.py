@@ -1,7 +1,11 @@
 """MLflow tracking that never kills the work, plus lineage (git, data hash, DVC experiment).
 
-- The one place that resolves the tracking store (:func:`tracking_uri`), creates experiments
-  (:func:`ensure_experiment`) and tags runs (:func:`pneumoseg.lineage.lineage_tags`).
+- The one place that resolves the tracking store (:func:`tracking_uri`), names and creates
+  experiments (:func:`experiment_name`, :func:`ensure_experiment`) and tags runs
+  (:func:`pneumoseg.lineage.lineage_tags`).
+- Three experiments per project: ``mlflow.experiment`` holds one row per pipeline result (stage
+  ``result``: what a person compares), ``<experiment>-stages`` the stage runs it links to
+  (fold trainings, thresholds, evaluate, register), ``<experiment>-studies`` the Optuna studies.
 - :class:`Tracker`: one run, resumable by id. Every call is guarded: a failing backend pauses
   tracking with a warning (the local files stay the record) until :meth:`Tracker.reconnect`.
   :meth:`Tracker.log_rows` logs per-epoch rows exactly once per step, also across a kill and
@@ -50,6 +54,17 @@ def artifact_location(cfg: MlflowParams, uri: str) -> str | None:
     return location if has_scheme(location) else in_repo(location).resolve().as_uri()
 
 
+EXPERIMENT_KINDS = ("results", "stages", "studies")
+
+
+def experiment_name(cfg: MlflowParams, kind: str = "stages") -> str:
+    """The experiment of ``kind``: ``results`` is ``mlflow.experiment`` itself (one row per
+    pipeline result), ``stages`` and ``studies`` are ``<experiment>-stages`` / ``-studies``."""
+    if kind not in EXPERIMENT_KINDS:
+        raise ValueError(f"experiment kind must be one of {EXPERIMENT_KINDS}, got {kind!r}")
+    return cfg.experiment if kind == "results" else f"{cfg.experiment}-{kind}"
+
+
 # The experiment's kind for MLflow 3's UI (model training, not GenAI). In 3.17 the UI's view
 # switch is still a per-browser setting that starts on GenAI (README "Tracking with MLflow").
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -59,10 +74,18 @@ EXPERIMENT_KIND = "custom_model_development"
 def ensure_experiment(client: Any, cfg: MlflowParams, uri: str, name: str | None = None) -> str:
     """The id of experiment ``name`` (default ``mlflow.experiment``), created if missing with
     :func:`artifact_location` as a model-development experiment (an existing one without a
-    kind gets it); safe when another process creates it at the same time."""
+    kind gets it); safe when another process creates it at the same time. The results
+    experiment is created first, so that on a new store it gets the first id (the README's
+    link ``#/experiments/1``)."""
+    name = name or cfg.experiment
+    if name != cfg.experiment:
+        _ensure_one(client, cfg, uri, cfg.experiment)
+    return _ensure_one(client, cfg, uri, name)
+
+
+def _ensure_one(client: Any, cfg: MlflowParams, uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
-    name = name or cfg.experiment
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if EXPERIMENT_KIND_TAG not in exp.tags:
@@ -140,7 +163,8 @@ class Tracker:
     the store answers again: a run that could not be created is created then, with its params.
 
     Every run it creates carries :func:`lineage_tags`; params, tags and text artifacts pass
-    through :func:`pneumoseg.redact.redact` (no URL password reaches MLflow).
+    through :func:`pneumoseg.redact.redact` (no URL password reaches MLflow). Runs go to the
+    stages experiment unless ``experiment`` names another (:func:`experiment_name`).
     """
 
     def __init__(
@@ -154,7 +178,7 @@ class Tracker:
             for key, value in RETRY_LATER_ENV.items():
                 os.environ.setdefault(key, value)
         self.cfg = cfg
-        self.experiment = experiment or cfg.experiment
+        self.experiment = experiment or experiment_name(cfg, "stages")
         self.enabled = enabled
         self.client: Any = None
         self.uri = ""
@@ -199,9 +223,17 @@ class Tracker:
             self._fail(method, exc)
             return None
 
-    def start(self, run_name: str, tags: dict[str, str], run_id: str | None = None) -> str | None:
-        """Create a run (or reopen ``run_id``); returns the run id or None if tracking failed
-        (:meth:`reconnect` then creates it later)."""
+    def start(
+        self,
+        run_name: str,
+        tags: dict[str, str],
+        run_id: str | None = None,
+        reuse_tag: str | None = None,
+    ) -> str | None:
+        """Create a run (or reopen ``run_id``, or with ``reuse_tag`` the run of the experiment
+        whose tag of that name has this ``tags`` value: a rerun after a kill makes no second
+        run); returns the run id or None if tracking failed (:meth:`reconnect` then creates it
+        later)."""
         if not self.enabled:
             return None
         self._pending = None if run_id else (run_name, tags)
@@ -211,6 +243,11 @@ class Tracker:
             self.uri = tracking_uri(self.cfg)
             self.client = MlflowClient(tracking_uri=self.uri)
             with store_lock(self.uri):
+                if run_id is None and reuse_tag is not None:
+                    exp_id = ensure_experiment(self.client, self.cfg, self.uri, self.experiment)
+                    query = f"tags.`{reuse_tag}` = '{tags[reuse_tag]}'"
+                    hits = self.client.search_runs([exp_id], query, max_results=1)
+                    run_id = hits[0].info.run_id if hits else None
                 if run_id is not None:
                     self.run_id = run_id
                     self._logged_steps = None
@@ -241,6 +278,38 @@ class Tracker:
             if worker_alive(run.data.tags.get(WORKER_TAG, "")) is False:
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 log.info("MLflow run %s, left RUNNING by a dead process: KILLED", run.info.run_id)
+
+    def linked_run(self, run_id: str) -> Any:
+        """Another run of the store (``mlflow.entities.Run``), or None when it does not exist
+        (deleted, another store) or tracking is off; a failing store pauses tracking."""
+        if not self.active:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with store_lock(self.uri):
+                return self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            self._fail("get_run", exc)
+        except Exception as exc:
+            self._fail("get_run", exc)
+        return None
+
+    def set_experiment_tag(self, key: str, value: str) -> None:
+        """A tag of this run's experiment (e.g. a saved view of the UI)."""
+        run = self.linked_run(self.run_id) if self.run_id else None
+        if run is not None:
+            self._call("set_experiment_tag", run.info.experiment_id, key, value)
+
+    def set_version_tag(self, name: str, version: str, key: str) -> None:
+        """Tag model version ``name``/``version`` with this run's id under ``key``."""
+        self._call("set_model_version_tag", name, version, key, self.run_id)
+
+    def metric_history(self, run_id: str, key: str) -> list[Any]:
+        """The logged values of metric ``key`` of run ``run_id`` ([] when none)."""
+        return list(self._call("get_metric_history", run_id, key) or [])
 
     def reconnect(self) -> bool:
         """After a failure, try the store once more: create the run that could not be created
@@ -337,6 +406,16 @@ class Tracker:
             else json.dumps(data, indent=2, sort_keys=True) + "\n"
         )
         self.log_text(text, artifact_file)
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows as an MLflow table (``log_table``: the UI shows it sortable under Artifacts);
+        string cells pass through the redactor like every text artifact."""
+        if not self.active:
+            return
+        import pandas as pd
+
+        frame = pd.DataFrame([redact(row) for row in rows])
+        self._call("log_table", self.run_id, data=frame, artifact_file=artifact_file)
 
     def log_datasets(self, datasets: list[dict[str, str]]) -> None:
         """Data sets as the run's inputs (the UI's "Datasets used"): ``name``, ``source`` (a

@@ -101,7 +101,7 @@ def run_ids(url: str) -> list[str]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=url)
-    exp = client.get_experiment_by_name("pneumoseg")
+    exp = client.get_experiment_by_name("pneumoseg-stages")
     return [r.info.run_id for r in client.search_runs([exp.experiment_id])] if exp else []
 
 

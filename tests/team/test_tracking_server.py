@@ -27,10 +27,12 @@ from pipeline_helpers import (
     DvcProject,
     Pipeline,
     env,
+    git_commit,
     http_server,
     make_project,
     set_params,
 )
+from test_results import check_row, shown_results, ui_rows
 
 from .conftest import SECRET
 
@@ -72,11 +74,12 @@ def test_dvc_repro_tracks_and_registers_through_the_server(
     from mlflow.tracking import MlflowClient
 
     project = make_project(tmp_path / "p")
+    git_commit(project, "init")
     through(tracking_server, str(BIN / "dvc"), "repro", cwd=project)
     assert not (project / "mlruns").exists()  # nothing went to a local store
 
     client = MlflowClient(tracking_uri=tracking_server, registry_uri=tracking_server)
-    experiment = client.get_experiment_by_name("pneumoseg")
+    experiment = client.get_experiment_by_name("pneumoseg-stages")
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's bucket
     folds = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
     assert sorted(r.data.tags["fold"] for r in folds) == ["0", "1"]
@@ -98,6 +101,20 @@ def test_dvc_repro_tracks_and_registers_through_the_server(
     assert b"val_loss" in stored["the mlflow database"]
     for secret in (PG_PASSWORD, SECRET):
         assert not [k for k, data in stored.items() if secret.encode() in data]
+
+    # one row per pipeline result on the server: the repro and a threshold-only experiment
+    git_commit(project, "dvc repro")
+    through(tracking_server, str(BIN / "dvc"), "exp", "run", "-n", "server-thresholds",
+            "-S", "thresholds.seed=3", cwd=project)  # fmt: skip
+    rows = ui_rows(client)
+    assert len(rows) == 2
+    shown = shown_results(project)
+    by_name = {r.data.tags.get("dvc_exp_name", "baseline"): r for r in rows}
+    for name, row in by_name.items():
+        check_row(client, row, shown[name])
+    only = by_name["server-thresholds"]
+    assert only.data.tags["run.train-fold0"] == by_name["baseline"].data.tags["run.train-fold0"]
+    assert only.data.params["thresholds.seed"] == "3"
 
     pneumoseg = [sys.executable, "-m", "pneumoseg"]
     through(tracking_server, *pneumoseg, "models", "promote", "1", cwd=project)

@@ -54,6 +54,8 @@ def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
                 "kaggle_dice": _score(tags, "kaggle_dice"),
                 "kaggle_dice_cross_fitted": _score(tags, "kaggle_dice_cross_fitted"),
                 "kaggle_dice_untouched": _score(tags, "kaggle_dice_untouched"),
+                "kaggle_dice_untouched_ci95": interval(tags, "kaggle_dice_untouched"),
+                "pipeline_run_id": tags.get("pipeline_run_id"),
                 "run_id": mv.run_id,
                 "status": mv.status,
             }
@@ -106,22 +108,42 @@ def describe_version(client: MlflowClient, name: str, ref: str | None) -> dict[s
     }
 
 
+def interval(tags: dict[str, str], key: str) -> list[float] | None:
+    """A score's 95% interval from its ``_ci95_low`` / ``_high`` tags (None: not recorded,
+    e.g. a version registered before the interval was)."""
+    low, high = _score(tags, f"{key}_ci95_low"), _score(tags, f"{key}_ci95_high")
+    return None if low is None or high is None else [low, high]
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _fmt_ci(value: float | None, ci: list[float] | None) -> str:
+    return _fmt(value) + (f" ({ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The terminal table of :func:`list_versions`."""
-    header = ("version", "aliases", "created", "commit", "kaggle_dice", "cross_fitted", "untouched")
+    """The terminal table of :func:`list_versions`: the untouched score (the number to expect
+    on new data) with its 95% interval first, the optimistic ones after it."""
+    header = (
+        "version",
+        "aliases",
+        "created",
+        "commit",
+        "untouched (95% CI)",
+        "cross_fitted",
+        "in-sample",
+    )
     body = [
         (
             r["version"],
             ",".join(r["aliases"]) or "-",
             r["created"],
             (r["git_commit"] or "-")[:10],
-            _fmt(r["kaggle_dice"]),
+            _fmt_ci(r["kaggle_dice_untouched"], r["kaggle_dice_untouched_ci95"]),
             _fmt(r["kaggle_dice_cross_fitted"]),
-            _fmt(r["kaggle_dice_untouched"]),
+            _fmt(r["kaggle_dice"]),
         )
         for r in rows
     ]

@@ -49,6 +49,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "train.channels_last",
         "train.val_threshold",
         "train.overlays",
+        "train.observe_heldout_every",
         "train.selection",
         "train.checkpoint",
         "train.swa",
@@ -105,6 +106,10 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "oof.batch_size",
     ),
 }
+
+# The pipeline's row in MLflow reads the stages' records and their params in dvc.lock (lineage,
+# like the data hash), no key of its own but its output path.
+STAGE_PARAMS["result"] = ()
 
 # The pseudo-labels of fold k: its final model predicts the test images as submit would (the
 # oof section's TTA); finetune@<fold> continues that model with the train keys and its own.

@@ -23,6 +23,7 @@ from pneumoseg.params.sections import (
     OofParams,
     PseudoLabelParams,
     RegistryParams,
+    ResultParams,
     ServingParams,
     SplitParams,
     Strict,
@@ -48,6 +49,7 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     submit: SubmitParams = SubmitParams()
     registry: RegistryParams = RegistryParams()
+    result: ResultParams = ResultParams()
     serving: ServingParams = ServingParams()
     mlflow: MlflowParams = MlflowParams()
     studies: dict[str, StudyParams] = Field(default_factory=shipped_studies)

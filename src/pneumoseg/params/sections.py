@@ -201,6 +201,7 @@ class EvaluateParams(Strict):
     bootstrap: int = Field(1000, ge=0)
     gallery: int = Field(8, ge=0)  # worst false positives / negatives shown
     out: str = "metrics/evaluate.json"
+    per_image: str = "metrics/per_image.csv"  # one row per OOF image (MLflow: a sortable table)
     plots_dir: str = "plots/evaluate"
 
 
@@ -218,6 +219,12 @@ class RegistryParams(Strict):
 
     auto_promote: bool = False  # champion moves when the challenger's cross-fitted score is higher
     out: str = "metrics/registered.json"  # registered version, model URI, run id (DVC metrics)
+
+
+class ResultParams(Strict):
+    """The pipeline's one row in MLflow (`pneumoseg result`, the last stage)."""
+
+    out: str = "metrics/result.json"  # its headline numbers and MLflow run id (DVC metrics)
 
 
 class ServingParams(Strict):

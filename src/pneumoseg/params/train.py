@@ -213,6 +213,9 @@ class TrainParams(Strict):
     val_threshold: Fraction = 0.5
     # false: no radiograph pixels in plots/ or MLflow (val_overlays.png says so instead)
     overlays: bool = True
+    # every N epochs (and after the last) score the held-out fold: the observed_heldout_*
+    # curves, which no training decision reads (0: off; nothing to add with selection held_out)
+    observe_heldout_every: int = Field(5, ge=0)
     selection: SelectionParams = SelectionParams()
     checkpoint: CheckpointParams = CheckpointParams()
     swa: SWAParams = SWAParams()

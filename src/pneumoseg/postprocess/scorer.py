@@ -225,6 +225,22 @@ class TripletScorer:
 
     def per_image(self, t: Triplet, subset: np.ndarray | None = None) -> np.ndarray:
         """Kaggle dice of every image (of ``subset``, in its order) under triplet ``t``."""
+        tp, pred, gt = self.counts(t, subset)
+        return kaggle_dice(tp, pred, gt)
+
+    def predicted_pixels(self, t: Triplet, subset: np.ndarray | None = None) -> np.ndarray:
+        """The predicted mask's pixel count (at the map size) of every image under ``t``."""
+        return self.counts(t, subset)[1].astype(np.int64)
+
+    def max_level(self) -> np.ndarray:
+        """Each image's largest map value (0..255): the number of levels with a pixel above."""
+        return (self._above > 0).sum(axis=0).astype(np.int64)
+
+    def counts(
+        self, t: Triplet, subset: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per image (of ``subset``): true-positive, predicted and ground-truth pixel counts
+        under triplet ``t`` (float64 holding exact integers)."""
         idx = self._index(subset)
         top, bottom = level(t.top_threshold), level(t.bottom_threshold)
         area = self.scaled_area(t.min_area)
@@ -238,7 +254,7 @@ class TripletScorer:
             pred, tp = pred[idx], tp[idx]
         else:
             pred, tp = self._above[bottom, idx], self._above_gt[bottom, idx]
-        return kaggle_dice(tp * keep, pred * keep, self._gt_f[idx])
+        return tp * keep, pred * keep, self._gt_f[idx]
 
     def score(self, t: Triplet, subset: np.ndarray | None = None) -> float:
         """Mean Kaggle dice over all images (or the ``subset`` indices)."""

@@ -156,9 +156,24 @@ class PostProcess:
     ) -> np.ndarray:
         """Kaggle dice of each image of ``subset`` (all by default) with its triplet;
         ``groups``: the images' values of ``group_by`` (see :func:`group_labels`)."""
+        return self._each(scorer, groups, subset, "per_image")
+
+    def predicted_pixels(
+        self, scorer: TripletScorer, groups: np.ndarray | None, subset: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The predicted mask's pixel count (at the map size) of each image with its triplet."""
+        return self._each(scorer, groups, subset, "predicted_pixels")
+
+    def _each(
+        self,
+        scorer: TripletScorer,
+        groups: np.ndarray | None,
+        subset: np.ndarray | None,
+        statistic: str,
+    ) -> np.ndarray:
         if self.group_by is None or groups is None:
-            return grouped_dice(scorer, None, {}, subset, self.default)
-        return grouped_dice(scorer, groups, self.groups, subset, self.default)
+            return grouped_dice(scorer, None, {}, subset, self.default, statistic)
+        return grouped_dice(scorer, groups, self.groups, subset, self.default, statistic)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = asdict(self.default)
@@ -176,28 +191,34 @@ def grouped_dice(
     triplets: Mapping[str, Triplet],
     subset: np.ndarray | None = None,
     default: Triplet | None = None,
+    statistic: str = "per_image",
 ) -> np.ndarray:
     """Per-image Kaggle dice of ``subset`` (all images by default, in its order), each image
     with its group's triplet; a group without one gets ``default`` (an error without it).
-    ``groups`` None: every image takes ``default`` (or the only triplet)."""
+    ``groups`` None: every image takes ``default`` (or the only triplet). ``statistic``: the
+    scorer's per-image method to evaluate instead (``predicted_pixels``)."""
+    per_image = getattr(scorer, statistic)
     idx = np.arange(scorer.n) if subset is None else np.asarray(scorer._index(subset))
     if isinstance(idx, slice):
         idx = np.arange(scorer.n)
     if groups is None:
         t = default if default is not None else next(iter(triplets.values()))
-        return scorer.per_image(t, idx)
+        return per_image(t, idx)
     groups = np.asarray(groups)
     if groups.shape != (scorer.n,):
         raise ValueError(f"groups must have shape ({scorer.n},), got {groups.shape}")
-    dice = np.empty(len(idx), dtype=np.float64)
+    out: np.ndarray | None = None
     for g in np.unique(groups[idx]):
         key = g.item() if isinstance(g, np.generic) else g
         t = triplets.get(key, default)
         if t is None:
             raise ValueError(f"no triplet for group {key!r}")
         mine = np.flatnonzero(groups[idx] == g)
-        dice[mine] = scorer.per_image(t, idx[mine])
-    return dice
+        values = per_image(t, idx[mine])
+        if out is None:
+            out = np.empty(len(idx), dtype=values.dtype)
+        out[mine] = values
+    return out if out is not None else np.empty(0)
 
 
 def score_grouped(scorer: TripletScorer, groups: np.ndarray, triplets: dict[str, Triplet]) -> float:

@@ -20,12 +20,15 @@ from pneumoseg.artifacts import (
     load_oof,
     native_widths,
     read_folds,
+    write_csv,
 )
 from pneumoseg.evaluation import (
+    PER_IMAGE_FIELDS,
     bootstrap_ci,
     cross_fitted,
     decisions,
     members_cross_fitted,
+    per_image_rows,
     selection_records,
     untouched,
     untouched_reason,
@@ -42,6 +45,8 @@ from pneumoseg.postprocess import (
 )
 from pneumoseg.progress import progress_bar
 from pneumoseg.tracking import Tracker
+
+PER_IMAGE_TABLE = "per_image.json"  # the MLflow table of evaluate.per_image (sortable)
 
 
 def scored(dice: np.ndarray | None, bootstrap: int) -> dict[str, Any]:
@@ -65,7 +70,8 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     compared = len(oof.members) + (3 if mode == "fitted" else 2) if oof.members else 1
     tracker = Tracker(params.mlflow)
     tracker.start("evaluate", {"stage": "evaluate"})
-    dice = post.per_image(scorer, group_labels(post.group_by, ids, manifest))
+    groups = group_labels(post.group_by, ids, manifest)  # the deployed triplet's groups
+    dice = post.per_image(scorer, groups)
     folds = np.array([f for _, f in ids])
     positive = scorer.gt > 0
     n_searches = len(np.unique(folds)) if len(np.unique(folds)) > 1 else 0
@@ -151,6 +157,20 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
         }
     out = Path(cfg.out)
     write_json(out, result)
+    table = per_image_rows(
+        ids,
+        np.array([manifest[i].get("has_mask") == "1" for i, _ in ids]),
+        {
+            "dice_cross_fitted": cf_dice,
+            "dice_in_sample": dice,
+            "gt_pixels": scorer.gt,
+            "pred_pixels": post.predicted_pixels(scorer, groups),
+            "max_level": scorer.max_level(),
+            "untouched": clean,
+        },
+        found,
+    )
+    write_csv(cfg.per_image, PER_IMAGE_FIELDS, table)
 
     def case(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         image_id = ids[i][0]
@@ -166,6 +186,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     }
     tracker.log_metrics(numbers, step=0)
     tracker.log_artifact(out)
+    tracker.log_table(table, PER_IMAGE_TABLE)
     for path in plots:
         tracker.log_artifact(path, "plots")
     tracker.end()

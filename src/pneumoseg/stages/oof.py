@@ -77,6 +77,7 @@ def record(ensemble: Ensemble) -> dict[str, Any]:
         "files": [str(f) for f in ensemble.files],
         "selection": meta.get("selection", {"mode": "held_out"}),
         "mlflow_run_id": meta.get("mlflow_run_id"),
+        "observe_heldout_every": meta.get("observe_heldout_every", 0),
     }
     if "pseudo_labels" in meta:  # a fine-tuned model (pseudo_label.folds)
         out |= {k: meta[k] for k in ("pseudo_labels", "finetuned_from")}

@@ -89,6 +89,7 @@ def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str,
         "data_hash": info["data_hash"],
         "params_hash": info["params_hash"],
         **{k: str(ev.get(k)) for k in SCORES},
+        **interval_tags(ev, "kaggle_dice_untouched"),
         "training_run_ids": ",".join(info["training_runs"].values()),
         "folds": ",".join(str(k) for k in params.train.folds),
         "tta_hflip": str(params.oof.tta_hflip).lower(),
@@ -101,6 +102,14 @@ def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str,
         "model_digest": info["model_digest"],
     }
     return tags | {f"training_run_{k}": rid for k, rid in info["training_runs"].items()}
+
+
+def interval_tags(evaluation: dict[str, Any], key: str) -> dict[str, str]:
+    """``<key>_ci95_low`` / ``_high`` of a score's bootstrap interval (none without one)."""
+    ci = evaluation.get(f"{key}_ci95")
+    if not isinstance(ci, list) or len(ci) != 2:
+        return {}
+    return {f"{key}_ci95_low": str(ci[0]), f"{key}_ci95_high": str(ci[1])}
 
 
 def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, str]:

@@ -112,7 +112,7 @@ def trial_selection(params: Params) -> dict[str, Any]:
 
 
 def trial_params(
-    params: Params, cfg: StudyParams, values: dict[str, Any], trial_dir: Path, experiment: str
+    params: Params, cfg: StudyParams, values: dict[str, Any], trial_dir: Path
 ) -> Params:
     """The params of one trial: ``params`` (its first ``cfg.parts`` parts) + the study budget +
     the trial's values, training only ``cfg.folds`` and writing into ``trial_dir`` (never the
@@ -124,9 +124,9 @@ def trial_params(
         set_path(raw, path, value)
     raw["train"]["folds"] = list(cfg.folds)
     raw["train"]["selection"] = trial_selection(params)
+    raw["train"]["observe_heldout_every"] = 0  # a trial scores on its inner split only
     for key in ("models_dir", "work_dir", "metrics_dir", "plots_dir"):
         raw["train"][key] = str(trial_dir / key.removesuffix("_dir"))
-    raw["mlflow"]["experiment"] = experiment
     from pydantic import ValidationError
 
     try:

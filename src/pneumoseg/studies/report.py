@@ -35,10 +35,13 @@ class MlflowTrialLogger:
 def save_study_plots(
     study: Any, out_dir: Path, params: list[str] | None = None, html_dir: Path | None = None
 ) -> list[Path]:
-    """Optimisation history, slices, parameter importances and parallel coordinates as PNG
-    (matplotlib) in ``out_dir`` and self-contained HTML (plotly) in ``html_dir`` (default
-    ``out_dir``; DVC renders only the PNGs of a plots folder). Plots that cannot be made are
-    skipped with a log line (e.g. importances need two completed trials and two parameters)."""
+    """The study's plots as PNG (matplotlib) in ``out_dir`` and self-contained HTML (plotly)
+    in ``html_dir`` (default ``out_dir``; DVC renders only the PNGs of a plots folder):
+    optimisation history, slices, parameter importances, parallel coordinates, the contour of
+    the two most important parameters, the timeline (workers, failed and pruned trials) and
+    the intermediate values (what the pruner saw). Plots that cannot be made are skipped with
+    a log line (importances and contours need two completed trials and two parameters; a
+    study whose trials report nothing has no intermediate values)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,11 +54,23 @@ def save_study_plots(
     html_dir = html_dir or out_dir
     for folder in (out_dir, html_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    plots: dict[str, dict[str, Any]] = {
+        "optimization_history": {},
+        "slice": {"params": params},
+        "param_importances": {"params": params},
+        "parallel_coordinate": {"params": params},
+        "timeline": {},
+    }
+    top = most_important(study, params)
+    if len(top) == 2:
+        plots["contour"] = {"params": top}
+    if any(t.intermediate_values for t in trials):
+        plots["intermediate_values"] = {}
     written: list[Path] = []
     with warnings.catch_warnings():  # matplotlib/optuna chatter about few or equal values
         warnings.simplefilter("ignore", UserWarning)
-        for name in ("optimization_history", "slice", "param_importances", "parallel_coordinate"):
-            kwargs = {} if name == "optimization_history" else {"params": params}
+        for name, kwargs in plots.items():
             try:
                 ax = getattr(vis_mpl, f"plot_{name}")(study, **kwargs)
                 fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
@@ -71,10 +86,31 @@ def save_study_plots(
     return written
 
 
+def param_importances(study: Any, params: list[str] | None = None) -> dict[str, float]:
+    """Optuna's importances of ``params`` (default: all), most important first; empty while
+    the study cannot tell (fewer than two completed trials, one parameter)."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            found = optuna.importance.get_param_importances(study, params=params)
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            return {}
+    return {k: float(v) for k, v in found.items()}
+
+
+def most_important(study: Any, params: list[str] | None = None) -> list[str]:
+    """The two parameters that matter most to the objective (fewer when unknown)."""
+    return list(param_importances(study, params))[:2]
+
+
 def study_summary(study: Any) -> dict[str, Any]:
     """``{"study", "direction", "trials": [{"number", "state", "value", "params"}], "best",
     "importances"}``."""
-    import optuna
 
     trials = [
         {
@@ -90,17 +126,7 @@ def study_summary(study: Any) -> dict[str, Any]:
     with contextlib.suppress(ValueError):
         b = study.best_trial
         best = {"number": b.number, "value": b.value, "params": b.params}
-    importances: dict[str, float] = {}
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(complete) >= 2:
-        with (
-            contextlib.suppress(ValueError, RuntimeError, ZeroDivisionError),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore", UserWarning)
-            importances = {
-                k: float(v) for k, v in optuna.importance.get_param_importances(study).items()
-            }
+    importances = param_importances(study)
     return {
         "study": study.study_name,
         "direction": study.direction.name.lower(),

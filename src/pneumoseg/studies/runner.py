@@ -58,7 +58,7 @@ from pneumoseg.studies.storage import (
     resolve_storage,
     unregister_worker,
 )
-from pneumoseg.tracking import Tracker
+from pneumoseg.tracking import Tracker, experiment_name
 
 log = logging.getLogger("pneumoseg.studies")
 HEARTBEAT_SECONDS = 30  # RDB storages: Optuna's trial heartbeat
@@ -95,7 +95,7 @@ class StudyRunner:
         self.progress = progress
         self.storage_url = resolve_storage(storage or self.cfg.storage)
         self.storage = open_storage(self.storage_url, heartbeat=HEARTBEAT_SECONDS)
-        self.experiment = f"{params.mlflow.experiment}-studies"
+        self.experiment = experiment_name(params.mlflow, "studies")
         self.work = Path(self.cfg.work_dir) / name
         self.worker = worker_id()
         self.study = optuna.create_study(
@@ -213,7 +213,7 @@ class StudyRunner:
         trial.set_user_attr(OWNER_ATTR, self.worker)
         values = {path: suggest(trial, path, d) for path, d in self.cfg.space.items()}
         trial_dir = self.work / f"trial-{trial.number}"
-        params = trial_params(self.params, self.cfg, values, trial_dir, self.experiment)
+        params = trial_params(self.params, self.cfg, values, trial_dir)
         tracker = Tracker(self.params.mlflow, experiment=self.experiment)
         tags = {
             "stage": "study-trial",
@@ -253,6 +253,7 @@ class StudyRunner:
                     fold,
                     progress=self.progress,
                     parent_run_id=run_id,
+                    experiment=self.experiment,
                     on_epoch=report,
                     log_model=False,
                 )

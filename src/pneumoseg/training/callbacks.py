@@ -130,6 +130,11 @@ class EpochLog(Callback):
             if "val_loss" in row
             else f"loss {row['train_loss']:.4f}"
         )
+        if "observed_heldout_loss" in row:  # observed only (train.observe_heldout_every)
+            scores += (
+                f" [held-out, observed only: loss {row['observed_heldout_loss']:.4f} "
+                f"kaggle_dice {row['observed_heldout_kaggle_dice']:.4f}]"
+            )
         log.log(
             logging.INFO if t.dist.main else logging.DEBUG,
             "fold %d epoch %d/%d [part %d, %dpx] %s rate %.2f lr %.2e (%.1fs)",

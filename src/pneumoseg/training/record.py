@@ -74,6 +74,8 @@ def model_meta(t: FoldTrainer, size: int) -> dict[str, Any]:
         "params_hash": t.params_hash,
         "data_hash": t.data_hash,
         "val_threshold": t.cfg.val_threshold,
+        # the held-out fold's observed_heldout_* curves (no decision read them; 0: none)
+        "observe_heldout_every": t.cfg.observe_heldout_every if t.observes_at_all else 0,
         "selection": {
             "mode": t.cfg.selection.mode,
             "inner_fraction": t.cfg.selection.inner_fraction,

@@ -48,6 +48,7 @@ from pneumoseg.training.state import (
 )
 
 log = logging.getLogger("pneumoseg.training")
+OBSERVED = "observed_heldout_"  # the prefix of the held-out curves no decision reads
 
 
 class FoldTrainer:
@@ -65,11 +66,13 @@ class FoldTrainer:
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         log_model: bool = True,
         member: str = MAIN,
+        experiment: str | None = None,
     ) -> None:
-        """``parent_run_id`` nests the fold's MLflow run (study trials); ``on_epoch`` sees each
-        epoch's history row (an exception it raises, e.g. a pruned trial, ends the run as
-        KILLED); ``log_model=False`` keeps the model files out of MLflow; ``member``: the
-        ensemble member trained (``params`` then carry its train section)."""
+        """``parent_run_id`` nests the fold's MLflow run (study trials) in ``experiment`` (None:
+        the stages experiment); ``on_epoch`` sees each epoch's history row (an exception it
+        raises, e.g. a pruned trial, ends the run as KILLED); ``log_model=False`` keeps the
+        model files out of MLflow; ``member``: the ensemble member trained (``params`` then
+        carry its train section)."""
         self.params, self.cfg, self.fold, self.progress = params, params.train, fold, progress
         self.member = member
         self.parent_run_id = parent_run_id
@@ -100,7 +103,9 @@ class FoldTrainer:
         self.data_hash = data_hash(params.data.processed_dir, params.split.out)
         self.params_hash = stage_digest(params, self.stage_name)
         self.store = ResumeStore(self.work, self.run_key(), self.dist)
-        self.tracker = Tracker(params.mlflow, enabled=self.dist.main, retry_later=True)
+        self.tracker = Tracker(
+            params.mlflow, enabled=self.dist.main, experiment=experiment, retry_later=True
+        )
         # without a selection split the top-k are simply the last k epochs of each part
         self.monitor = self.cfg.checkpoint.monitor if self.val_ids else "epoch"
         self.mode = self.cfg.checkpoint.mode if self.val_ids else "max"
@@ -275,6 +280,8 @@ class FoldTrainer:
             va, metrics = self.validate(self.model, part.val_loader, part.loss_fn)
             row.update(val_row(va, metrics.compute()))
         row["epoch_seconds"] = time.perf_counter() - t0
+        if self.observes(epoch):
+            row.update(self.observe_heldout(part))
         if self.monitor not in row:
             names = ", ".join(k for k in row if k.startswith(("val_", "train_")))
             raise ValueError(
@@ -282,6 +289,39 @@ class FoldTrainer:
                 f"(one of {names})"
             )
         return row
+
+    @property
+    def observes_at_all(self) -> bool:
+        """Whether ``train.observe_heldout_every`` looks at the held-out fold (with
+        ``selection.mode: held_out`` the val_* columns already score it)."""
+        held_out = self.cfg.selection.mode != "held_out" and bool(self.images.held_out)
+        return held_out and self.cfg.observe_heldout_every > 0
+
+    def observes(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` ends with a look at the held-out fold: every
+        ``train.observe_heldout_every`` epochs and after the last."""
+        if not self.observes_at_all:
+            return False
+        last = sum(p.epochs for p in self.cfg.parts)
+        return epoch % self.cfg.observe_heldout_every == 0 or epoch == last
+
+    def observe_heldout(self, part: Part) -> dict[str, float]:
+        """The held-out fold's loss, Kaggle dice and dice on positives under the current
+        weights: observed only. No callback reads them, and the random number streams are
+        restored afterwards (a loader draws its seed from them), so the weights are exactly
+        those of a run that does not observe."""
+        t0 = time.perf_counter()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            loader = self.eval_loader(self.images.held_out, part.cfg.size)
+            losses, metrics = self.validate(self.model, loader, part.loss_fn)
+        scores = metrics.compute()
+        return {
+            f"{OBSERVED}loss": losses["loss"],
+            f"{OBSERVED}kaggle_dice": scores["kaggle_dice"],
+            f"{OBSERVED}dice_pos": scores["dice_pos"],
+            "observe_seconds": time.perf_counter() - t0,
+        }
 
     # ------------------------------------------------------------------------ the steps
     def loaders(

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from engines import Postgres
@@ -19,6 +24,10 @@ from pipeline_helpers import Pipeline, env, set_params
 pytestmark = pytest.mark.slow
 
 CANARY = "CANARY-pw-7f3a9c"
+# a password with the characters that cut URL redaction short: written into the URL with "@"
+# and "%" percent-encoded, as libpq and SQLAlchemy want it
+ODD = "C@n:ary/7%z-odd"
+ODD_IN_URL = quote(ODD, safe=":/")
 
 
 def pneumoseg(project: Path, *args: str, extra_env: dict[str, str] | None = None):
@@ -35,6 +44,8 @@ def test_a_storage_password_reaches_no_output_log_or_mlflow(
     tiny_pipeline: Pipeline, postgres: Postgres, tmp_path: Path
 ) -> None:
     url = postgres.create_database("optuna_canary", "canary_user", CANARY)
+    odd_url = postgres.create_database("optuna_odd", "odd_user", ODD.replace("'", "''"))
+    odd_url = odd_url.replace(ODD, ODD_IN_URL)
     project = tiny_pipeline.copy(tmp_path / "p")
     printed: list[str] = []
 
@@ -47,8 +58,13 @@ def test_a_storage_password_reaches_no_output_log_or_mlflow(
     check(pneumoseg(project, "thresholds", "--trials", "30", "--storage", url))  # a flag
     set_params(project, {"thresholds": {"storage": None, "trials": 35}})
     check(pneumoseg(project, "thresholds", extra_env={"PNEUMOSEG_OPTUNA_STORAGE": url}))
-    for stage in ("evaluate", "register", "submit"):
+    for stage in ("evaluate", "register", "submit", "result"):
         check(pneumoseg(project, stage, extra_env={"PNEUMOSEG_OPTUNA_STORAGE": url}))
+    # a password with "@", "/", ":" and "%" in it, and every engine logger at DEBUG
+    debug = {"PNEUMOSEG_OPTUNA_STORAGE": odd_url, "PNEUMOSEG_DEBUG": "1"}
+    for stage in ("thresholds", "evaluate", "result"):
+        check(pneumoseg(project, stage, "--trials", "40", extra_env=debug)
+              if stage == "thresholds" else pneumoseg(project, stage, extra_env=debug))  # fmt: skip
     # error paths: a server that does not answer, a study that does not exist
     dead = url.replace(f":{postgres.port}/", ":1/")
     proc = pneumoseg(project, "thresholds", "--storage", dead)
@@ -56,16 +72,73 @@ def test_a_storage_password_reaches_no_output_log_or_mlflow(
     assert "canary_user:***@127.0.0.1:1/optuna_canary" in proc.stderr
     check(pneumoseg(project, "study", "show", "loss-and-sampling", "--storage", url), ok=False)
 
-    leaks = [p for p in printed if CANARY in p]
+    secrets = (CANARY, ODD, ODD_IN_URL)
+    leaks = [p for p in printed if any(secret in p for secret in secrets)]
     assert not leaks, leaks[0][-500:]
     import json
 
     post = json.loads((project / "models/postprocess.json").read_text())
-    assert post["storage"].startswith("postgresql://canary_user:***@")
+    assert post["storage"].startswith("postgresql://odd_user:***@")  # the last study's
     written = [
         p
         for p in project.rglob("*")
         if p.is_file() and p.name != "params.yaml" and "src" not in p.relative_to(project).parts
     ]
     assert any(p.name == "mlflow.db" for p in written)
-    assert not [str(p) for p in written if CANARY.encode() in p.read_bytes()]
+    for secret in secrets:
+        assert not [str(p) for p in written if secret.encode() in p.read_bytes()], secret
+
+
+@contextmanager
+def failing_tracking_server() -> Iterator[int]:
+    """A server on 127.0.0.1 that answers every request with 500 and the request's URL (the
+    way a proxy in front of a tracking server may); yields its port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            body = f"internal error at http://{self.headers.get('Host')}{self.path}".encode()
+            self.send_response(500)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_tracking_server_answering_500_leaks_no_password(
+    tiny_pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """The tracking URL's password (and MLflow's own credentials variables) never reach the
+    output when every call fails: the stages that carry on warn in one line, the ones that
+    need the store stop with one line."""
+    project = tiny_pipeline.copy(tmp_path / "p")
+    with failing_tracking_server() as port:
+        uri = f"http://tracker:{ODD_IN_URL}@127.0.0.1:{port}"
+        extra = {
+            "MLFLOW_TRACKING_URI": uri,
+            "MLFLOW_TRACKING_PASSWORD": CANARY,
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+        }
+        runs = {stage: pneumoseg(project, stage, extra_env=extra)
+                for stage in ("evaluate", "register", "result")}  # fmt: skip
+    for stage, proc in runs.items():
+        out = proc.stdout + proc.stderr
+        for secret in (CANARY, ODD, ODD_IN_URL):
+            assert secret not in out, (stage, out[-800:])
+        assert "Traceback" not in out, (stage, out[-800:])
+    assert runs["evaluate"].returncode == 0  # carries on; the local files keep the record
+    assert runs["register"].returncode == 1  # needs the registry
+    assert "tracker:***@127.0.0.1" in runs["register"].stderr

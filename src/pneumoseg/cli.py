@@ -22,6 +22,7 @@ from pneumoseg.console import (
     Interrupted,
     add_completion,
     configure_logging,
+    engine_error,
     package_version,
     report_error,
     terminated,
@@ -392,6 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as exc:
         # Our own error types subclass these; their messages are one line for the user.
         report_error(args.command, exc, debug)
+        return 1
+    except Exception as exc:  # an engine's error (MLflow, SQLAlchemy, ...) is one line too;
+        # anything else is a bug, shown with its (redacted) traceback
+        report_error(args.command, exc, debug or not engine_error(exc))
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -9,6 +9,8 @@ import logging
 import signal
 import sys
 
+from pneumoseg.redact import redact_text
+
 DEBUG_ENV = "PNEUMOSEG_DEBUG"
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -16,26 +18,37 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 def configure_logging(debug: bool) -> None:
     """Our own lines at INFO, other libraries' when they warn; tracebacks in log records
     shrink to their last line unless ``debug``; every line passes the redactor."""
-    from pneumoseg.redact import RedactingFilter
+    from pneumoseg import redact
 
+    redact.install()  # every record of every logger, whichever handler prints it
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         if not debug:
             handler.setFormatter(OneLineFormatter(LOG_FORMAT))
-        handler.addFilter(RedactingFilter())  # no URL password in any log line
+        handler.addFilter(redact.RedactingFilter())  # records made before install()
+    logging.captureWarnings(True)  # libraries' warnings become (redacted) log records
     logging.getLogger("pneumoseg").setLevel(logging.INFO)
 
 
 def report_error(command: str, exc: BaseException, debug: bool) -> None:
     """``pneumoseg COMMAND: error: <one line>`` on stderr; with ``debug`` the (redacted)
     traceback above it, e.g. to see where a CUDA out-of-memory (a ``RuntimeError``) happened."""
-    from pneumoseg.redact import redact_text
-
     if debug:
         import traceback
 
         print(redact_text("".join(traceback.format_exc())), file=sys.stderr, end="")
     print(f"pneumoseg {command}: error: {redact_text(one_line(exc))}", file=sys.stderr)
+
+
+# The libraries whose errors describe the outside world (a store, a server, a bucket): their
+# message is what a user needs, in one line; the traceback only with --debug.
+ENGINES = ("mlflow", "sqlalchemy", "alembic", "optuna", "psycopg", "botocore", "boto3", "dvc",
+           "requests", "urllib3", "pydicom", "torch")  # fmt: skip
+
+
+def engine_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from one of :data:`ENGINES` (not a bug of ours)."""
+    return type(exc).__module__.split(".")[0] in ENGINES
 
 
 class OneLineFormatter(logging.Formatter):
@@ -53,7 +66,7 @@ class OneLineFormatter(logging.Formatter):
         )
         if record.exc_info and record.exc_info[1] is not None:
             error = record.exc_info[1]
-            line += f" ({type(error).__name__}: {one_line(error)})"
+            line += f" ({type(error).__name__}: {redact_text(one_line(error))})"
         return line
 
 

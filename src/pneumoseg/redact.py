@@ -2,9 +2,14 @@
 message or an MLflow param, tag or artifact; and the keyed pseudonyms of ImageIds
 (``data.pseudonymize_ids``, key in ``$PNEUMOSEG_ID_KEY``, never in the repo).
 
-``postgresql://user:secret@host/db`` becomes ``postgresql://user:***@host/db``, and a password
-given as a query parameter (``?password=secret``) becomes ``?password=***``. :func:`redact`
-walks dicts, lists and tuples; :class:`RedactingFilter` applies it to every log record.
+``postgresql://user:secret@host/db`` becomes ``postgresql://user:***@host/db`` (the password
+runs to the last ``@`` of the URL, so a raw ``@``, ``/``, ``:`` or ``%`` in it is masked too), a
+password given as a query parameter (``?password=secret``) becomes ``?password=***``, a
+``NAME=value`` whose name ends in SECRET, PASSWORD, TOKEN or KEY (``AWS_SECRET_ACCESS_KEY=...``)
+becomes ``NAME=***``, and the value of every such environment variable of this process
+(``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_PASSWORD``, ``PNEUMOSEG_ID_KEY``, ...) is masked
+wherever it appears. :func:`redact` walks dicts, lists and tuples; :func:`install` applies it to
+every log record of every logger (libraries' own handlers included).
 """
 
 from __future__ import annotations
@@ -14,14 +19,34 @@ import re
 from typing import Any
 
 MASK = "***"
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^@/\s]*@")
+# user:password@ of a URL; the password runs to the URL's last "@" (quotes and spaces end it)
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s\"'<>]*:)[^\s\"'<>]*@")
 _QUERY = re.compile(r"(?P<head>[?&;](?:password|passwd|pwd|secret|token)=)[^&;#\s]*", re.I)
+_SECRET_NAME = r"[A-Za-z0-9_.-]*(?:SECRET|PASSWORD|PASSWD|TOKEN|_KEY|ACCESS_KEY_ID)"
+_ASSIGNED = re.compile(
+    rf"(?P<head>\b{_SECRET_NAME}\b[\"']?\s*[=:]\s*[\"']?)(?P<value>[^\s,;\"'&]+)", re.I
+)
+# environment variables whose values are secrets wherever they appear
+_SECRET_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY_ID|_KEY)$", re.I)
+_MIN_SECRET = 6  # shorter values are too common to mask (and too short to be a real secret)
+
+
+def _secret_values() -> list[str]:
+    import os
+
+    values = {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= _MIN_SECRET}
+    return sorted(values, key=len, reverse=True)
 
 
 def redact_text(text: str) -> str:
-    """``text`` with the password of every URL in it masked."""
+    """``text`` with every URL password, assigned secret and secret environment value masked."""
     text = _USERINFO.sub(lambda m: f"{m['head']}{MASK}@", text)
-    return _QUERY.sub(lambda m: f"{m['head']}{MASK}", text)
+    text = _QUERY.sub(lambda m: f"{m['head']}{MASK}", text)
+    text = _ASSIGNED.sub(lambda m: f"{m['head']}{MASK}", text)
+    for value in _secret_values():
+        if value in text:
+            text = text.replace(value, MASK)
+    return text
 
 
 def redact(value: Any) -> Any:
@@ -36,17 +61,49 @@ def redact(value: Any) -> Any:
 
 
 class RedactingFilter(logging.Filter):
-    """Masks URL passwords in a record's message and arguments (attach it to handlers)."""
+    """Masks secrets in a record's message and arguments (see :func:`redact_record`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.msg) if isinstance(record.msg, str) else record.msg
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        elif isinstance(record.args, dict):
-            record.args = {
-                k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()
-            }
+        redact_record(record)
         return True
+
+
+def redact_record(record: logging.LogRecord) -> logging.LogRecord:
+    """The record with its message and arguments redacted (an argument of another type, such
+    as an exception, is replaced by its redacted text only when its text holds a secret), and
+    its traceback's text too."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return redact_text(value)
+        if isinstance(value, (int, float)) or value is None:
+            return value
+        text = str(value)
+        masked = redact_text(text)
+        return value if masked == text else masked
+
+    record.msg = clean(record.msg)
+    if isinstance(record.args, tuple):
+        record.args = tuple(clean(a) for a in record.args)
+    elif isinstance(record.args, dict):
+        record.args = {k: clean(v) for k, v in record.args.items()}
+    if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+        record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+    return record
+
+
+def install() -> None:
+    """Redact every log record of the process when it is made, whichever logger and handler
+    (MLflow, SQLAlchemy, alembic, Optuna and DVC have handlers of their own) it goes to."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "pneumoseg_redacts", False):
+        return
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        return redact_record(factory(*args, **kwargs))
+
+    make.pneumoseg_redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make)
 
 
 ID_KEY_ENV = "PNEUMOSEG_ID_KEY"

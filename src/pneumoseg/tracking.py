@@ -153,6 +153,9 @@ def fluent_run(uri: str, run_id: str | None) -> Iterator[None]:
         yield
 
 
+# Files uploaded as text pass the redactor (PNGs and model files hold no text to leak).
+TEXT_ARTIFACTS = (".json", ".csv", ".yaml", ".yml", ".txt", ".md", ".html", ".log", ".toml")
+
 # Retried at every epoch end, not by MLflow's ~4 minutes of retries per call; the user's wins.
 RETRY_LATER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
@@ -392,6 +395,22 @@ class Tracker:
         self._call("log_batch", self.run_id, tags=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file; a text file (:data:`TEXT_ARTIFACTS`) goes through the redactor first
+        (a redacted copy is uploaded under the same name when it held a secret)."""
+        if not self.active:
+            return
+        path = Path(path)
+        if path.suffix.lower() in TEXT_ARTIFACTS and path.is_file():
+            text = path.read_text(errors="replace")
+            clean = redact_text(text)
+            if clean != text:
+                import tempfile
+
+                with tempfile.TemporaryDirectory(prefix="pneumoseg-redacted-") as tmp:
+                    copy = Path(tmp) / path.name
+                    copy.write_text(clean)
+                    self._call("log_artifact", self.run_id, str(copy), artifact_path)
+                return
         self._call("log_artifact", self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:

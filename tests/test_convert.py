@@ -693,3 +693,47 @@ def test_a_file_over_the_time_limit_is_a_failure_row(tmp_path: Path) -> None:
     assert (summary.converted, summary.failed) == (0, 6)
     failures = (tmp_path / "out/failures.csv").read_text().splitlines()[1:]
     assert all("longer than data.file_timeout (1e-06 s)" in line for line in failures)
+
+
+def test_dicoms_are_found_by_content_under_any_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hospital exports: ``.DCM`` in capitals, no extension at all (named by the SOP Instance
+    UID, dots included); every such file is converted under its ImageId, and what is not DICOM
+    (notes, a DICOMDIR index, the csv files) is counted in one line, never converted."""
+    raw = tmp_path / "export"
+    names = {
+        40: f"dicom-images-train/a/{image_id(40)}.dcm",  # the SIIM way
+        41: f"dicom-images-train/b/{image_id(41)}.DCM",  # capitals
+        42: f"PACS/EXPORT0001/{image_id(42)}",  # no extension: the UID is the name
+        43: f"PACS/EXPORT0002/{image_id(43)}",  # a test image, no extension
+    }
+    for n, name in names.items():
+        write_dicom(raw / name, radiograph(96, seed=n))
+    write_dicom(raw / "PACS/DICOMDIR", radiograph(32, seed=1))  # an index, not an image
+    (raw / "PACS/notes.txt").write_text("exported 2026-12-01\n")
+    mask = ellipse((96, 96), (0.5, 0.3), (0.2, 0.1))
+    lines = ["ImageId, EncodedPixels", f"{image_id(40)}, {rle_encode(mask, 'relative')}"]
+    lines += [f"{image_id(n)}, -1" for n in (41, 42)]
+    (raw / "train-rle.csv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.INFO, logger="pneumoseg"):
+        result = run_convert(raw, tmp_path / "out", dialect="relative", workers=1)
+    s = result.summary
+    assert (s.converted, s.train, s.test, s.positive, s.failed) == (4, 3, 1, 1, 0)
+    assert set(result.manifest) == {image_id(n) for n in names}
+    assert result.manifest[image_id(43)]["split"] == "test"
+    (line,) = [r.getMessage() for r in caplog.records if "not DICOM" in r.getMessage()]
+    assert line.startswith(f"convert: 3 file(s) under {raw} are not DICOM images")
+    for name in ("DICOMDIR", "notes.txt", "train-rle.csv"):
+        assert name in line
+
+
+def test_predict_finds_dicoms_by_content(tmp_path: Path) -> None:
+    from pneumoseg.commands.predict import find_inputs
+
+    folder = tmp_path / "in"
+    write_dicom(folder / "x" / "CASE1.DCM", radiograph(32, seed=1))
+    write_dicom(folder / "1.2.3.4.5", radiograph(32, seed=2))
+    (folder / "readme.txt").write_text("not an image\n")
+    files, failures = find_inputs([str(folder)])
+    assert [p.name for p in files] == ["1.2.3.4.5", "CASE1.DCM"] and failures == []

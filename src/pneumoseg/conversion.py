@@ -1,7 +1,8 @@
 """Converting a SIIM-layout DICOM tree + RLE csv into processed PNG images/masks, the manifest
 and the failures list (the ``convert`` stage's work).
 
-Every ``<ImageId>.dcm`` under the raw folder is found (any nesting). An ImageId listed in the
+Every DICOM file under the raw folder is found (any nesting, by its content: ``<ImageId>.dcm``,
+``.DCM``, or a name without extension, which is then the ImageId). An ImageId listed in the
 RLE csv is a training image, any other is a test image. Bad files are reported in
 ``failures.csv`` and the rest converted; the stage fails only when the failed fraction exceeds
 ``data.max_failed_fraction``.
@@ -33,7 +34,16 @@ from pneumoseg.artifacts import (
     write_dataset_info,
     write_test_order,
 )
-from pneumoseg.dicom import SAFE_FIELDS, DicomReadError, prepare_image, read_dicom, resize_mask
+from pneumoseg.dicom import (
+    SAFE_FIELDS,
+    DicomReadError,
+    describe_others,
+    find_dicom_files,
+    image_id_of,
+    prepare_image,
+    read_dicom,
+    resize_mask,
+)
 from pneumoseg.files import staged_dir
 from pneumoseg.params import ClaheParams
 from pneumoseg.progress import progress_bar
@@ -126,18 +136,22 @@ def pseudonyms(enabled: bool) -> Callable[[str], str]:
 def find_dicoms(
     raw_dir: Path, alias: Callable[[str], str] = str
 ) -> tuple[dict[str, Path], list[tuple[str, str]]]:
-    """Map file stem -> path for every ``*.dcm`` below ``raw_dir``; report duplicates, named
-    ``<alias(stem)>.dcm`` (folders are named after Study/Series UIDs, which must not leak)."""
+    """Map ImageId -> path for every DICOM file below ``raw_dir``, found by its content under
+    any name (:func:`pneumoseg.dicom.find_dicom_files`); report duplicates, named
+    ``<alias(ImageId)>.dcm`` (folders are named after Study/Series UIDs, which must not leak),
+    and log one line for the files that are not DICOM."""
     found: dict[str, Path] = {}
     failures: list[tuple[str, str]] = []
-    for path in sorted(raw_dir.rglob("*.dcm")):
-        if not path.is_file():
-            continue
-        name = alias(path.stem)
-        if path.stem in found:
+    dicoms, others = find_dicom_files(raw_dir)
+    if others:  # the csv files, and whatever else an export holds
+        log.info("convert: %s", describe_others(others, raw_dir))
+    for path in dicoms:
+        image_id = image_id_of(path)
+        name = alias(image_id)
+        if image_id in found:
             failures.append((f"{name}.dcm", f"duplicate ImageId {name} (kept another)"))
             continue
-        found[path.stem] = path
+        found[image_id] = path
     return found, failures
 
 

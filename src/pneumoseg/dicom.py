@@ -120,6 +120,46 @@ def to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
 
 
 MAX_PIXELS = 8192 * 8192  # Rows x Columns x frames a DICOM may declare (the served model: a param)
+INDEX_NAMES = ("DICOMDIR",)  # media indexes: DICOM files that hold no image
+
+
+def is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` is a DICOM file by its content: ``DICM`` after the 128-byte preamble of
+    DICOM Part 10, whatever its name (hospital exports: ``IMG.DCM``, no extension at all). A
+    ``.dcm`` file without it counts too (the reader then says what is wrong with it)."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with path.open("rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def image_id_of(path: Path) -> str:
+    """A DICOM file's ImageId: its name without ``.dcm`` (any case); a file without that
+    extension keeps its whole name (exports named by SOP Instance UID have dots in it)."""
+    return path.name[:-4] if path.suffix.lower() == ".dcm" else path.name
+
+
+def find_dicom_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """Every DICOM file below ``root`` (recursively, sorted) by its content, and every other
+    file found there (csv files, notes, ``DICOMDIR`` indexes): the callers report those."""
+    dicoms: list[Path] = []
+    others: list[Path] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        is_image = path.name.upper() not in INDEX_NAMES and is_dicom_file(path)
+        (dicoms if is_image else others).append(path)
+    return dicoms, others
+
+
+def describe_others(others: list[Path], root: Path, limit: int = 5) -> str:
+    """``N files ... (a, b, ... and K more)``: the one line that reports non-DICOM files."""
+    names = [str(p.relative_to(root)) if p.is_relative_to(root) else p.name for p in others]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    shown = ", ".join(names[:limit]) + more
+    return f"{len(names)} file(s) under {root} are not DICOM images, left out: {shown}"
 
 
 def read_dicom(path: str | Path, max_pixels: int = MAX_PIXELS) -> DicomImage:

@@ -9,8 +9,9 @@ DICOMs are decoded as ``convert`` does (``read_dicom`` + ``prepare_image`` with 
 ``data.size`` / ``data.clahe``) and predicted as ``submit`` does (same ensemble, TTA and
 post-processing), streamed in batches. Writes to ``--out``:
 
-* ``predictions.csv``: ImageId (file stem), EncodedPixels (``submit.dialect``, else the
-  model's; ``-1`` = empty), has_pneumothorax (0/1), area_px (native pixels), max_prob;
+* ``predictions.csv``: ImageId (the file name without ``.dcm``), EncodedPixels
+  (``submit.dialect``, else the model's; ``-1`` = empty), has_pneumothorax (0/1), area_px
+  (native pixels), max_prob;
 * ``masks/<ImageId>.png`` (0/255, native resolution) and ``overlays/<ImageId>.png`` (the
   radiograph with the prediction filled semi-transparently and outlined);
 * ``failures.csv`` (file name, reason) for unreadable inputs; ``model.json`` (what was used).
@@ -104,27 +105,32 @@ def load_model(params: Params, model: str | None, device: str | None = None) -> 
 
 
 def find_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """DICOM files (folders searched recursively for ``*.dcm``), sorted by ImageId; plus
-    (name, reason) of inputs that cannot be used (missing, duplicate ImageId)."""
+    """DICOM files (folders searched recursively, by content: any name), sorted by ImageId;
+    plus (name, reason) of inputs that cannot be used (missing, duplicate ImageId). The files
+    of a folder that are not DICOM are counted in one log line."""
+    from pneumoseg.dicom import describe_others, find_dicom_files, image_id_of
+
     found: dict[str, Path] = {}
     failures: list[tuple[str, str]] = []
     candidates: list[Path] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            candidates += sorted(
-                p for p in path.rglob("*") if p.suffix.lower() == ".dcm" and p.is_file()
-            )
+            dicoms, others = find_dicom_files(path)
+            candidates += dicoms
+            if others:
+                log.info("predict: %s", describe_others(others, path))
         elif path.is_file():
             candidates.append(path)
         else:
             failures.append((path.name or raw, "no such file or folder"))
     for path in candidates:
-        if path.stem in found:
-            if found[path.stem].resolve() != path.resolve():
-                failures.append((path.name, f"duplicate ImageId {path.stem} (kept another)"))
+        image_id = image_id_of(path)
+        if image_id in found:
+            if found[image_id].resolve() != path.resolve():
+                failures.append((path.name, f"duplicate ImageId {image_id} (kept another)"))
             continue
-        found[path.stem] = path
+        found[image_id] = path
     return [found[k] for k in sorted(found)], failures
 
 
@@ -190,7 +196,7 @@ def _predict_into(
     import cv2
     from tqdm import tqdm
 
-    from pneumoseg.dicom import DicomReadError, read_dicom
+    from pneumoseg.dicom import DicomReadError, image_id_of, read_dicom
     from pneumoseg.plots import overlay
     from pneumoseg.progress import progress_bar
     from pneumoseg.serving import result_row
@@ -209,8 +215,9 @@ def _predict_into(
                 tqdm.write(f"predict: skipped {path.name}: {exc}", file=sys.stderr)
                 bar.update(1)
                 continue
-            natives[path.stem] = dicom.image
-            yield path.stem, bundle.prepare(dicom.image), (dicom.height, dicom.width), dicom.meta
+            image_id = image_id_of(path)
+            natives[image_id] = dicom.image
+            yield image_id, bundle.prepare(dicom.image), (dicom.height, dicom.width), dicom.meta
 
     def write_pngs(image_id: str, image: np.ndarray, mask: np.ndarray) -> None:
         name = f"{image_id}.png"

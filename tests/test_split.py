@@ -155,3 +155,24 @@ def test_cli_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     (tmp_path / "processed" / "manifest.csv").unlink()
     assert cli.main(["-q", "--params", str(params), "split"]) == 1
     assert "run `pneumoseg convert` first" in capsys.readouterr().err
+
+
+def test_duplicate_image_ids_are_refused_by_name(tmp_path: Path) -> None:
+    """A manifest or folds file that names an image twice would collapse silently into one row
+    (and a fold could hold a training image's twin): every reader refuses it, naming them."""
+    from pneumoseg.artifacts import read_manifest
+
+    manifest = write_manifest(tmp_path / "p" / "manifest.csv", labels_of(6, 2), ["t1"])
+    rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([*rows, rows[2], rows[5], rows[2]]) + "\n")  # img0001 x3
+    first, second = rows[2].split(",")[0], rows[5].split(",")[0]
+    for read in (read_train_labels, lambda m: read_manifest(m.parent)):
+        with pytest.raises(ValueError, match="2 duplicate ImageId") as err:
+            read(manifest)
+        assert f"{first} (lines 3, 9, 11)" in str(err.value) and f"{second} (lines 6, 10)" in str(
+            err.value
+        )
+    folds = tmp_path / "folds.csv"
+    folds.write_text("ImageId,fold,has_mask\na,0,1\nb,1,0\na,1,1\n")
+    with pytest.raises(ValueError, match=r"folds.csv: 1 duplicate ImageId\(s\): a \(lines 2, 4\)"):
+        read_folds(folds)

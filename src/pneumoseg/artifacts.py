@@ -44,6 +44,20 @@ def write_csv(path: str | Path, fields: Iterable[str], rows: Iterable[dict[str, 
         writer.writerows(rows)
 
 
+def check_unique_ids(rows: list[dict[str, str]], path: str | Path) -> None:
+    """A csv keyed by ImageId must name each image once (else rows would silently collapse);
+    the error names the duplicates and their lines."""
+    lines: dict[str, list[int]] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        lines.setdefault(row.get("ImageId", ""), []).append(line)
+    twice = {i: at for i, at in lines.items() if len(at) > 1}
+    if twice:
+        first = list(twice.items())[:3]
+        shown = "; ".join(f"{i} (lines {', '.join(map(str, at))})" for i, at in first)
+        more = f" and {len(twice) - 3} more" if len(twice) > 3 else ""
+        raise ValueError(f"{path}: {len(twice)} duplicate ImageId(s): {shown}{more}")
+
+
 def read_manifest(processed_dir: str | Path) -> dict[str, dict[str, str]]:
     """ImageId -> manifest row of ``<processed_dir>/manifest.csv``."""
     path = Path(processed_dir) / MANIFEST
@@ -57,6 +71,7 @@ def read_manifest(processed_dir: str | Path) -> dict[str, dict[str, str]]:
             f"{path}: missing column(s) {', '.join(missing)}; restore it with "
             "`dvc checkout` or rerun `dvc repro -f -s convert`"
         )
+    check_unique_ids(rows, path)
     return {r["ImageId"]: r for r in rows}
 
 
@@ -124,7 +139,9 @@ def read_folds(path: str | Path) -> dict[str, tuple[int, int]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (run `pneumoseg split` first)")
     with path.open(newline="") as fh:
-        return {r["ImageId"]: (int(r["fold"]), int(r["has_mask"])) for r in csv.DictReader(fh)}
+        rows = list(csv.DictReader(fh))
+    check_unique_ids(rows, path)
+    return {r["ImageId"]: (int(r["fold"]), int(r["has_mask"])) for r in rows}
 
 
 def write_oof_models(out_dir: str | Path, models: dict[int, dict[str, Any]]) -> None:

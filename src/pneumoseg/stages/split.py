@@ -6,7 +6,7 @@ import csv
 from collections import Counter
 from pathlib import Path
 
-from pneumoseg.artifacts import MANIFEST, write_folds
+from pneumoseg.artifacts import MANIFEST, check_unique_ids, write_folds
 from pneumoseg.folds import SplitError, stratified_folds
 from pneumoseg.params import Params
 
@@ -15,12 +15,14 @@ def read_train_labels(manifest: str | Path) -> dict[str, int]:
     """ImageId -> has_mask (0/1) for the training rows of a manifest."""
     labels: dict[str, int] = {}
     with Path(manifest).open(newline="") as fh:
-        for line_no, row in enumerate(csv.DictReader(fh), start=2):
-            if row.get("split") != "train":
-                continue
-            if row.get("has_mask") not in ("0", "1"):
-                raise SplitError(f"{manifest} line {line_no}: has_mask must be 0 or 1")
-            labels[row["ImageId"]] = int(row["has_mask"])
+        rows = list(csv.DictReader(fh))
+    check_unique_ids(rows, manifest)
+    for line_no, row in enumerate(rows, start=2):
+        if row.get("split") != "train":
+            continue
+        if row.get("has_mask") not in ("0", "1"):
+            raise SplitError(f"{manifest} line {line_no}: has_mask must be 0 or 1")
+        labels[row["ImageId"]] = int(row["has_mask"])
     return labels
 
 

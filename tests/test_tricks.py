@@ -233,3 +233,34 @@ def test_tta_views_average_and_a_neutral_view_changes_nothing(tmp_path: Path) ->
         got = probs(**tta)
         assert got.shape == plain.shape and np.abs(got - plain).max() > 1e-4
         assert got.min() >= 0 and got.max() <= 1
+
+
+def test_local_encoder_weights_are_counted_and_a_partial_file_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A local weights file: what it filled is reported; one that fills less than
+    model.encoder_weights_min_loaded of the encoder (another encoder's, a truncated file) is
+    refused with one line, unless the key allows it; the tensors loaded are the file's."""
+    import logging
+
+    from pneumoseg.models import ModelError
+
+    source = model().encoder.state_dict()
+    full, partial = tmp_path / "full.pth", tmp_path / "partial.pth"
+    torch.save({f"encoder.{k}": v + 1 for k, v in source.items()}, full)
+    keep = sorted(source, key=lambda k: source[k].numel())[: len(source) // 2]  # small ones
+    torch.save({k: source[k] + 1 for k in keep}, partial)
+    with caplog.at_level(logging.INFO, logger="pneumoseg.models"):
+        net = model(encoder_weights=str(full))
+    loaded = net.encoder.state_dict()
+    floats = [k for k in source if source[k].is_floating_point()]
+    assert all(torch.equal(loaded[k], source[k] + 1) for k in floats)
+    (line,) = [r.getMessage() for r in caplog.records if str(full) in r.getMessage()]
+    assert f"loaded {len(source)} of the encoder's {len(source)} tensors (100.0%" in line
+    with pytest.raises(ModelError, match=r"encoder_weights_min_loaded \(90%\)") as err:
+        model(encoder_weights=str(partial))
+    assert f"loaded {len(keep)} of the encoder's {len(source)} tensors" in str(err.value)
+    assert "\n" not in str(err.value)
+    net = model(encoder_weights=str(partial), encoder_weights_min_loaded=0.0)
+    got = net.encoder.state_dict()
+    assert all(torch.equal(got[k], source[k] + 1) for k in keep if source[k].is_floating_point())

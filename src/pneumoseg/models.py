@@ -8,6 +8,7 @@ MLflow run id).
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ from pneumoseg.files import atomic_file
 from pneumoseg.layers import to_group_norm, widen_narrow_scse
 from pneumoseg.params import ModelParams
 
+log = logging.getLogger(__name__)
 MODEL_FORMAT = "pneumoseg-model/1"
 HUB_WEIGHTS = ("imagenet", "ssl", "swsl", "instagram", "advprop", "noisy-student")
 
@@ -28,7 +30,10 @@ class ModelError(ValueError):
     """A model that cannot be built or loaded; the message names the params key or file."""
 
 
-def _load_local_encoder(model: nn.Module, path: Path) -> None:
+def _load_local_encoder(model: nn.Module, path: Path, min_loaded: float) -> None:
+    """Copy the tensors of a local weights file that fit the encoder (an RGB stem summed to
+    one channel); report what was loaded and skipped, and refuse a file that fills less than
+    ``min_loaded`` of the encoder's weights (``model.encoder_weights_min_loaded``)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -50,6 +55,22 @@ def _load_local_encoder(model: nn.Module, path: Path) -> None:
             matched[name] = value
     if not matched:
         raise ModelError(f"model.encoder_weights: no tensor of {path} matches encoder")
+    total = sum(v.numel() for v in own.values())
+    fraction = sum(v.numel() for v in matched.values()) / max(total, 1)
+    missing = [name for name in own if name not in matched]
+    unused = len(state) - len(matched)
+    report = (
+        f"model.encoder_weights: {path}: loaded {len(matched)} of the encoder's {len(own)} "
+        f"tensors ({fraction:.1%} of its weights); {len(missing)} left at their initial values"
+        + (f" (first: {missing[0]})" if missing else "")
+        + f", {unused} tensors of the file unused"
+    )
+    if fraction < min_loaded:
+        raise ModelError(
+            f"{report}: below model.encoder_weights_min_loaded ({min_loaded:.0%}); is it this "
+            "encoder's file? Lower the key to train from a partial file"
+        )
+    log.info("%s", report)
     encoder.load_state_dict(matched, strict=False)
 
 
@@ -88,7 +109,7 @@ def build_model(cfg: ModelParams) -> nn.Module:
             f"model: cannot build {cfg.arch}/{cfg.encoder} weights={weights}: {first}{hint}"
         ) from None
     if local is not None:
-        _load_local_encoder(model, local)
+        _load_local_encoder(model, local, cfg.encoder_weights_min_loaded)
     if cfg.decoder_attention:
         widen_narrow_scse(model)
     if cfg.norm == "group":  # after loading: BatchNorm's affine weights are not GroupNorm's

@@ -31,6 +31,9 @@ class ModelParams(Strict):
     arch: Literal[ARCHS] = "Unet"  # type: ignore[valid-type]
     encoder: str = "tu-mobilenetv3_small_100"
     encoder_weights: str | None = None
+    # a local weights file must fill at least this fraction of the encoder's weights (by
+    # element count; what is skipped is reported either way)
+    encoder_weights_min_loaded: Fraction = 0.9
     in_channels: Literal[1, 3] = 1
     # None: smp's (256, 128, 64, 32, 16); the demo's light decoder is 4x cheaper at 256 px
     decoder_channels: list[Annotated[int, Field(ge=1)]] | None = [128, 64, 32, 16, 8]

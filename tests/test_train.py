@@ -467,3 +467,22 @@ def test_bad_monitor_and_bad_weights_fail_clearly(data_dir: Path, tmp_path: Path
     proc = pneumoseg("train", "--fold", "0", cwd=project, check=False)
     assert proc.returncode == 1
     assert "model.encoder_weights" in proc.stderr and "/no/such.pth" in proc.stderr
+
+
+def test_a_diverged_training_stops_with_one_line_and_a_failed_run(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A NaN loss (or monitored metric) is not dropped from the checkpoint ranking unseen: the
+    training stops at that epoch with one line naming the fold, epoch, key and way out, the
+    MLflow run ends FAILED and no model file is written."""
+    project = clone(data_dir, tmp_path / "p")
+    parts = [p | {"lr": 1.0e9} for p in FOUR_EPOCHS["train"]["parts"]]
+    set_params(project, {"train": {"parts": parts}})
+    proc = pneumoseg("-q", "train", "--fold", "0", cwd=project, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("pneumoseg train: error:")]
+    assert "train fold 0 epoch 1:" in line and "is nan" in line and "train.parts[0].lr" in line
+    assert "Traceback" not in proc.stderr
+    assert not (project / "models/folds/fold0/model.pt").exists()
+    (run,) = mlflow_runs(project)
+    assert run.info.status == "FAILED"

@@ -1,6 +1,7 @@
 """What happens at the end of every epoch, one small object per concern (the shape of
 Lightning's and ignite's handlers, without the dependency). :func:`default_callbacks` gives the
-order that makes resume exact: the learning rate steps, the top-k ranking, the history file,
+order that makes resume exact: a diverged epoch stops everything, then the learning rate
+steps, the top-k ranking, the history file,
 then the resume state is saved, and only then is the epoch logged to MLflow (a kill before the
 log is made good at resume; one after it is not logged twice)."""
 
@@ -33,6 +34,25 @@ class Callback:
         raise NotImplementedError
 
 
+class TrainingDiverged(ValueError):
+    """The training loss or the monitored metric is not a finite number: one line, the run
+    ends FAILED and nothing of the epoch is kept (a rerun repeats it: change the params)."""
+
+
+class Finite(Callback):
+    """Stop when the epoch's training loss or monitored metric is NaN or infinite: a NaN
+    score would drop out of the checkpoint ranking unseen and leave a part without one."""
+
+    def on_epoch_end(self, t: FoldTrainer, part: Part, e: int, row: dict[str, Any]) -> None:
+        for key in dict.fromkeys(("train_loss", t.monitor)):
+            if not math.isfinite(float(row[key])):
+                raise TrainingDiverged(
+                    f"train fold {t.fold} epoch {row['epoch']}: {key} is {row[key]} (the "
+                    f"training diverged at lr {row['lr']:.3g}); lower train.parts[{part.index}]"
+                    ".lr or set train.grad_clip, then rerun"
+                )
+
+
 class LrSchedule(Callback):
     """Step the part's schedule: SWALR inside the SWA window, the plateau scheduler on the
     monitored metric, any other per epoch."""
@@ -52,10 +72,10 @@ class TopK(Callback):
     that forgets it is saved (:meth:`pneumoseg.training.state.ResumeStore.save`)."""
 
     def on_epoch_end(self, t: FoldTrainer, part: Part, e: int, row: dict[str, Any]) -> None:
-        score = float(row[t.monitor])
+        score = float(row[t.monitor])  # finite: Finite ran first
         ranked = t.best_of_part(part.index)
         k = t.cfg.checkpoint.top_k
-        if math.isnan(score) or (len(ranked) >= k and not t.better(score, ranked[-1]["score"])):
+        if len(ranked) >= k and not t.better(score, ranked[-1]["score"]):
             return
         epoch = row["epoch"]
         path = t.work / f"part{part.index}-epoch{epoch:03d}.pt"
@@ -177,6 +197,7 @@ def default_callbacks(on_epoch: Callable[[dict[str, Any]], None] | None) -> list
     """The end-of-epoch order (see the module docstring); ``on_epoch`` runs last."""
     last: Callback = EpochHook(on_epoch) if on_epoch is not None else Barrier()
     return [
+        Finite(),
         LrSchedule(),
         TopK(),
         Snapshots(),

@@ -35,7 +35,7 @@ from pneumoseg.progress import progress_bar
 from pneumoseg.sampling import SampleRateSampler, sample_rate_at
 from pneumoseg.threads import ThreadShare
 from pneumoseg.tracking import Tracker
-from pneumoseg.training.callbacks import Callback, default_callbacks
+from pneumoseg.training.callbacks import Callback, TrainingDiverged, default_callbacks
 from pneumoseg.training.distributed import Dist
 from pneumoseg.training.parts import Part, make_ema, make_optimizer, make_scheduler
 from pneumoseg.training.record import finish, model_meta, val_row
@@ -131,6 +131,9 @@ class FoldTrainer:
                     for callback in self.callbacks:
                         callback.on_epoch_end(self, part, e, row)
             return finish(self, part.swa_model if part is not None else None)
+        except TrainingDiverged:
+            self.tracker.end("FAILED")  # a rerun with the same params diverges again
+            raise
         finally:
             self.threads.release()
 

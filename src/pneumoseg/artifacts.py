@@ -275,3 +275,30 @@ def load_oof(out_dir: str | Path) -> OofSet:
                 f"{out}/probs.npy {probs.shape}; rerun `dvc repro -f -s oof`"
             )
     return OofSet(ids, probs, masks, cls, members, member_cls)
+
+
+# A fold training's resume state (``<train.work_dir>/fold<k>/``, see
+# pneumoseg.training.state) says in this small file which params, data and MLflow run it is
+# of, so that other stages can tell a state left behind by a training that finished elsewhere.
+RESUME_KEY_FILE = "run_key.json"
+
+
+def write_resume_key(work: str | Path, run_key: str, mlflow_run_id: str | None) -> None:
+    text = json.dumps({"run_key": run_key, "mlflow_run_id": mlflow_run_id}) + "\n"
+    write_text_atomic(Path(work) / RESUME_KEY_FILE, text)
+
+
+def stale_resume_state(work: str | Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The key record of the resume state in ``work`` when it is of the same params, data and
+    fold as the finished model whose ``meta`` is given (the fold finished in another process,
+    or DVC restored it from its cache): nothing will ever resume it. None otherwise."""
+    path = Path(work) / RESUME_KEY_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        return None
+    prefix = f"{meta.get('params_hash')}|{meta.get('data_hash')}|fold{meta.get('fold')}"
+    key = str(record.get("run_key", ""))
+    return record if key == prefix or key.startswith(prefix + "|") else None

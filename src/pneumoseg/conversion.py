@@ -14,7 +14,9 @@ import csv
 import errno
 import logging
 import multiprocessing
+import os
 import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -216,6 +218,25 @@ def _convert_task(task: Task, settings: Settings) -> dict[str, Any]:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def _die_with_parent() -> None:
+    """A worker's initializer: on Linux, the worker ends when the converting process does (a
+    kill -9 of it would otherwise leave its pool's workers waiting for work for ever)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() == 1:  # the parent died before the line above
+        os._exit(0)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(), initializer=_die_with_parent
+    )
+
+
 def _pooled(tasks: list[Task], settings: Settings, workers: int) -> Iterator[dict[str, Any]]:
     """Convert in ``workers`` processes. A worker that dies (a native decoder crashing the
     process) breaks the pool: the tasks it may have held are then converted one at a time,
@@ -228,7 +249,7 @@ def _pooled(tasks: list[Task], settings: Settings, workers: int) -> Iterator[dic
             continue
         inflight: dict[Future[dict[str, Any]], Task] = {}
         try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
+            with _pool(workers) as pool:
                 while queue or inflight:
                     while queue and len(inflight) < 2 * workers:
                         task = queue.popleft()
@@ -251,7 +272,7 @@ def _pooled(tasks: list[Task], settings: Settings, workers: int) -> Iterator[dic
 
 def _alone(task: Task, settings: Settings) -> dict[str, Any]:
     """One task in a process of its own: its death is a failure row naming the file."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context()) as pool:
+    with _pool(1) as pool:
         try:
             return pool.submit(_convert_task, task, settings).result()
         except BrokenProcessPool:

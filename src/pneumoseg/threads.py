@@ -19,7 +19,14 @@ from pathlib import Path
 
 log = logging.getLogger("pneumoseg.threads")
 ENV = "PNEUMOSEG_THREADS"
+REGISTRY_ENV = "PNEUMOSEG_TRAINERS_DIR"  # where the live trainers register (tests isolate it)
 REGISTRY = Path(tempfile.gettempdir()) / f"pneumoseg-{os.getuid()}" / "trainers"
+
+
+def registry_dir() -> Path:
+    """The folder the host's training processes register in (``$PNEUMOSEG_TRAINERS_DIR``, else
+    :data:`REGISTRY`)."""
+    return Path(os.environ.get(REGISTRY_ENV) or REGISTRY)
 
 
 _TORCH_DEFAULT: list[int] = []  # torch's own count before the first change (physical cores)
@@ -61,8 +68,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def live_trainers(registry: Path = REGISTRY) -> int:
+def live_trainers(registry: Path | None = None) -> int:
     """Training processes registered on this host and still running (stale files removed)."""
+    registry = registry or registry_dir()
     live = 0
     for path in registry.glob("*"):
         if path.name.isdigit() and _alive(int(path.name)):
@@ -72,7 +80,7 @@ def live_trainers(registry: Path = REGISTRY) -> int:
     return live
 
 
-def fair_share(registry: Path = REGISTRY) -> int:
+def fair_share(registry: Path | None = None) -> int:
     """Threads for one training process: the affinity cores over the live trainers (at least
     the local torchrun ranks, which may not have registered yet)."""
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -83,9 +91,9 @@ class ThreadShare:
     """This process's place among the host's training processes: :meth:`register` once,
     :meth:`apply` at the start of every epoch (it logs a change), :meth:`release` at the end."""
 
-    def __init__(self, registry: Path = REGISTRY) -> None:
-        self.registry = registry
-        self.path = registry / str(os.getpid())
+    def __init__(self, registry: Path | None = None) -> None:
+        self.registry = registry or registry_dir()
+        self.path = self.registry / str(os.getpid())
         self.threads: int | None = None
 
     def register(self) -> None:

@@ -335,6 +335,22 @@ class Tracker:
             log.info("MLflow answers again; tracking resumes in run %s", self.run_id)
         return self.active
 
+    def incomplete_record(self, stage: str) -> dict[str, bool]:
+        """What a stage's metrics file adds when its run was never created or misses part of
+        the record: ``{"mlflow_incomplete": True}``, with one warning naming the way out; {}
+        for a complete run (or tracking switched off)."""
+        if not self.enabled or self.complete:
+            return {}
+        what = "was never created" if self.run_id is None else f"{self.run_id} is incomplete"
+        log.warning(
+            "%s: its MLflow run %s; the local files are complete: once the store answers, "
+            "`dvc repro -f -s %s` records it (the same outputs again)",
+            stage,
+            what,
+            stage,
+        )
+        return {"mlflow_incomplete": True}
+
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params in batches of 100 (MLflow's limit per call); kept for the run when it
         could not be created yet."""
@@ -357,6 +373,22 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._call("log_batch", self.run_id, metrics=items)
+
+    def log_metrics_once(self, metrics: dict[str, float], step: int) -> None:
+        """:meth:`log_metrics`, leaving out the keys the run holds at ``step`` already (a rerun
+        after a kill between logging a record and writing its file logs nothing twice)."""
+        if not self.active:
+            return
+        held = {
+            key
+            for key in metrics
+            if any(m.step == step for m in self._call("get_metric_history", self.run_id, key) or [])
+        }
+        if not self.active:
+            return
+        fresh = {k: v for k, v in metrics.items() if k not in held}
+        if fresh:
+            self.log_metrics(fresh, step)
 
     def log_rows(
         self,

@@ -190,6 +190,8 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     for path in plots:
         tracker.log_artifact(path, "plots")
     tracker.end()
+    if incomplete := tracker.incomplete_record("evaluate"):
+        write_json(out, result | incomplete)
     print(summary_line(result, out))
     return result
 

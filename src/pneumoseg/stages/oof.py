@@ -9,6 +9,7 @@ resized to the same size (members may train at other sizes); ``thresholds`` comb
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,14 @@ from pneumoseg.artifacts import (
     mask_path,
     open_oof_arrays,
     read_folds,
+    stale_resume_state,
     write_learning_curves,
     write_oof_ids,
     write_oof_models,
 )
 from pneumoseg.files import staged_dir
 from pneumoseg.inference import Ensemble, fold_model_files, to_uint8_probs
-from pneumoseg.params import Params, member_dir
+from pneumoseg.params import Params, finetuned_dir, member_dir
 from pneumoseg.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ def run(params: Params, progress: bool = True) -> Path:
     models_dirs = {None: params.train.models_dir} | {
         name: member_dir(params.train.models_dir, name) for name in params.ensemble.members
     }
+    work_dirs = {None: params.train.work_dir} | {
+        name: member_dir(params.train.work_dir, name) for name in params.ensemble.members
+    }
     size = cfg.size
     out = Path(cfg.out_dir)
     with staged_dir(out) as work:  # a kill or a full disk leaves the previous maps whole
@@ -56,6 +61,9 @@ def run(params: Params, progress: bool = True) -> Path:
                 k: Ensemble.of(fold_model_files(models_dir, k, cfg.checkpoints, k in tuned), cfg)
                 for k in trained
             }
+            for k, ensemble in ensembles.items():
+                states = finetuned_dir(work_dirs[member]) if k in tuned else work_dirs[member]
+                remove_finished_state(Path(states) / f"fold{k}", ensemble.metas[0])
             size = size or ensembles[trained[0]].size  # the train section's models' size
             folder = work if member is None else work / MEMBERS_DIR / member
             write_maps(folder, ensembles, order, processed, size, progress, member is None)
@@ -68,6 +76,26 @@ def run(params: Params, progress: bool = True) -> Path:
     members = f" and members {list(params.ensemble.members)}" if params.ensemble.members else ""
     print(f"oof: {len(order)} images from folds {trained}{members} at {size}px -> {out}/probs.npy")
     return out
+
+
+def remove_finished_state(work: Path, meta: dict[str, Any]) -> None:
+    """Delete a fold's resume state that nothing will resume: one of the very params and data
+    of the model in place (its training finished in another process, or DVC restored the fold
+    from its cache after a stopped training), with one line saying so."""
+    record = stale_resume_state(work, meta)
+    if record is None:
+        return
+    size = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
+    shutil.rmtree(work, ignore_errors=True)
+    log.warning(
+        "oof: removed %s (%.0f MB): the resume state of a stopped training of fold %s with the "
+        "params and data of the model in place, which will never resume (MLflow run %s stays "
+        "as it ended)",
+        work,
+        size / 1e6,
+        meta.get("fold"),
+        record.get("mlflow_run_id"),
+    )
 
 
 def record(ensemble: Ensemble) -> dict[str, Any]:

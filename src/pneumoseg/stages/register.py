@@ -18,7 +18,7 @@ from pneumoseg.lineage import lineage_tags
 from pneumoseg.locks import store_lock
 from pneumoseg.params import Params, digest, flatten, stage_values
 from pneumoseg.serving.package import package_digest
-from pneumoseg.tracking import Tracker, fluent_run, scoped_env, tracking_uri
+from pneumoseg.tracking import Tracker, experiment_name, fluent_run, scoped_env, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,15 @@ def lineage(params: Params) -> dict[str, Any]:
     evaluation = read_json(params.evaluate.out, "run `pneumoseg evaluate` first")
     post = read_json(params.thresholds.out, "run `pneumoseg thresholds` first")
     runs: dict[str, str] = {}  # fold<k> (member main) or <member>-fold<k>
+    metas: dict[str, dict[str, Any]] = {}
     data_hashes: set[str] = set()
     training_hashes: set[str] = set()
     for name, path in ensemble_files(params):
         meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
         member, _, index = name.rpartition("fold")  # <member>-fold<k>[_<j>] -> <member>-fold<k>
-        runs.setdefault(f"{member}fold{index.split('_')[0]}", str(meta.get("mlflow_run_id") or ""))
+        key = f"{member}fold{index.split('_')[0]}"
+        runs.setdefault(key, str(meta.get("mlflow_run_id") or ""))
+        metas.setdefault(key, meta)
         data_hashes.add(str(meta.get("data_hash", "unknown")))
         training_hashes.add(str(meta.get("params_hash", "unknown")))
     own = stage_values(params, "register")  # submit.dialect as the package will write it:
@@ -70,11 +73,41 @@ def lineage(params: Params) -> dict[str, Any]:
         "evaluate": evaluation,
         "postprocess": post,
         "training_runs": runs,
+        "training_metas": metas,
         "git": lineage_tags(),
         "data_hash": ";".join(sorted(data_hashes)),
         "params_hash": digest({"register": own, "training": sorted(training_hashes)}),
         "params": own,
     }
+
+
+def fill_missing_runs(client: Any, params: Params, info: dict[str, Any]) -> None:
+    """A fold trained while MLflow was down has no run id in its model file; once
+    ``pneumoseg upload`` made its run, that run is found by its tags (stage, fold, params and
+    data hash). A fold still without a run stops the registration, naming it."""
+    from pneumoseg import registry
+
+    runs = info["training_runs"]
+    missing = [name for name, run_id in runs.items() if not run_id]
+    if not missing:
+        return
+    with registry.mlflow_errors("register"):
+        exp = client.get_experiment_by_name(experiment_name(params.mlflow, "stages"))
+        for name in missing:
+            meta = info["training_metas"][name]
+            query = (
+                f"tags.fold = '{meta.get('fold')}' and tags.params_hash = "
+                f"'{meta.get('params_hash')}' and tags.data_hash = '{meta.get('data_hash')}' "
+                "and attributes.status = 'FINISHED'"
+            )
+            found = client.search_runs([exp.experiment_id], query, max_results=1) if exp else []
+            runs[name] = found[0].info.run_id if found else ""
+    still = [name for name, run_id in runs.items() if not run_id]
+    if still:
+        raise RegisterError(
+            f"no MLflow run records the training of {', '.join(still)} (trained while MLflow "
+            "was down); `pneumoseg upload` completes it, then rerun register"
+        )
 
 
 def version_tags(params: Params, info: dict[str, Any], run_id: str) -> dict[str, str]:
@@ -121,6 +154,7 @@ def log_and_register(params: Params, info: dict[str, Any]) -> tuple[Any, str]:
 
     uri = tracking_uri(params.mlflow)
     tracker = Tracker(params.mlflow)
+    log.info("register: packaging %d model files as one MLflow model", len(ensemble_files(params)))
     tags = {"stage": "register", "data_hash": info["data_hash"], "params_hash": info["params_hash"]}
     with store_lock(uri), registry.mlflow_errors("register"):
         if tracker.start("register", tags) is None:
@@ -159,6 +193,7 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     info = lineage(params)
     name = params.mlflow.registered_model
     client = registry.open_client(params)
+    fill_missing_runs(client, params, info)
     # one registry change at a time: two registers (or a promote) cannot lose an alias update
     with registry.registry_lock(tracking_uri(params.mlflow)):
         with registry.mlflow_errors("register"):

@@ -157,8 +157,7 @@ def finish(
 ) -> dict[str, Any]:
     """Write ``result.out`` (the headline and the row's id) and say where the row is."""
     record: dict[str, Any] = scores | {"mlflow_run_id": tracker.run_id}
-    if tracker.run_id is not None and not tracker.complete:
-        record["mlflow_incomplete"] = True
+    record |= tracker.incomplete_record("result")
     out = Path(params.result.out)
     write_json(out, record, sort_keys=False)  # the headline's order: untouched first
     untouched = scores.get("kaggle_dice_untouched")

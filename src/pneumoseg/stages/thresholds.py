@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumoseg.artifacts import MEMBERS_DIR
-from pneumoseg.files import write_json
+from pneumoseg.files import read_json, write_json
 from pneumoseg.lineage import worker_id
 from pneumoseg.params import Params
 from pneumoseg.plots import threshold_heatmap
@@ -167,6 +167,8 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     out = write_outputs(cfg, study, result, weights, tracker)
     heatmap(cfg, grids, settings, post, tracker)
     tracker.end()
+    if incomplete := tracker.incomplete_record("thresholds"):
+        write_json(cfg.metrics, read_json(cfg.metrics, "written above") | incomplete)
     ex = result.get("exhaustive")
     print(
         f"thresholds: best {result['score']:.4f} ({result['selected']}) after "

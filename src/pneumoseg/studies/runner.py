@@ -208,6 +208,7 @@ class StudyRunner:
         """Train the study's folds with the trial's values; the mean final validation metric."""
         import optuna
 
+        from pneumoseg.training.callbacks import TrainingDiverged
         from pneumoseg.training.trainer import FoldTrainer
 
         trial.set_user_attr(OWNER_ATTR, self.worker)
@@ -268,6 +269,11 @@ class StudyRunner:
             status = "KILLED"
             tracker.set_tags({"optuna_state": "PRUNED"})
             raise
+        except TrainingDiverged as exc:  # values that make the training diverge: a bad trial
+            status = "KILLED"  # (pruned, so the sampler learns from it), not a broken worker
+            tracker.set_tags({"optuna_state": "PRUNED", "pruned_because": str(exc)})
+            log.info("study %s: trial %d diverged: %s", self.name, trial.number, exc)
+            raise optuna.TrialPruned(str(exc)) from None
         finally:
             if status != "FINISHED":  # e.g. Ctrl-C inside a fold's training
                 close_child_runs(tracker, status)

@@ -209,7 +209,7 @@ def log_fold_record(
     cfg = params.train
     plots, out = Path(cfg.plots_dir) / f"fold{fold}", Path(cfg.models_dir) / f"fold{fold}"
     finals = {f"final_{k.removeprefix('val_')}": v for k, v in (result.get("final") or {}).items()}
-    tracker.log_metrics(finals | (result.get("heldout") or {}), step=step)
+    tracker.log_metrics_once(finals | (result.get("heldout") or {}), step=step)
     tags = {"best_epoch": str(result.get("best_epoch")), "final_weights": result["final_weights"]}
     tracker.set_tags(tags)
     for name in ("learning_curves.png", "val_overlays.png", "history.csv"):

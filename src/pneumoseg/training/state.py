@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pneumoseg.artifacts import write_resume_key
 from pneumoseg.files import atomic_file
 from pneumoseg.training.distributed import Dist
 
@@ -133,6 +134,7 @@ class ResumeStore:
         }
         with atomic_file(self.path, "wb", previous=self.previous) as fh:
             torch.save(blob, fh)
+        write_resume_key(self.work, state.run_key, state.mlflow_run_id)
         self.remove_unlisted(state)
         self._kept = {c["path"] for c in state.topk}
 

@@ -134,6 +134,9 @@ class FoldTrainer:
         except TrainingDiverged:
             self.tracker.end("FAILED")  # a rerun with the same params diverges again
             raise
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: KILLED until a rerun resumes it
+            self.tracker.end("KILLED")
+            raise
         finally:
             self.threads.release()
 

@@ -24,8 +24,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	dvc repro
 
+# Two pytest-xdist workers share the two cores (each test training on one thread, see
+# tests/conftest.py); files stay whole on one worker. The profile of the slowest tests closes
+# the log.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
+
 test: setup engines
-	pytest
+	pytest $(PYTEST_PARALLEL)
 
 # Servers the tests start on 127.0.0.1: PostgreSQL from Debian's package, installed when missing
 # and apt is usable (root); otherwise the tests that need it are skipped (failed under CI=true).
@@ -37,7 +42,7 @@ engines:
 
 # The team engines on 127.0.0.1 (PostgreSQL, moto's S3 server, an MLflow server on both).
 test-team: setup engines
-	pytest -m team tests/team
+	pytest $(PYTEST_PARALLEL) -m team tests/team
 
 # The fault suite's long variants (10 seeds, 500 fuzzed DICOMs); rewrites the README table.
 faults: setup engines
@@ -47,7 +52,9 @@ faults: setup engines
 lint: setup
 	ruff check src tests bench docs
 
-bench: setup
+# Every bench, each printing ratios against a bare baseline (tests/test_bench.py runs each on
+# its smallest input in `make test`). noop and predict measure this project after `make demo`.
+bench: setup demo
 	python bench/convert.py
 	python bench/convert.py --siim
 	python bench/loader.py
@@ -55,3 +62,5 @@ bench: setup
 	python bench/train_overhead.py
 	python bench/team.py
 	python bench/study_workers.py
+	python bench/noop.py .
+	python bench/predict.py .

@@ -89,7 +89,7 @@ def main() -> None:
     definition = study(args.epochs, args.trials, args.size)
     names = {label: f"bench{i}" for i, label in enumerate(configs)}
     set_params(project, {"studies": {name: definition for name in names.values()}})
-    run([str(BIN / "dvc"), "repro", "split"], cwd=project)  # the data and folds trials read
+    run([str(BIN / "dvc"), "repro", "split", "arrays"], cwd=project)  # what trials read
     with running_postgres() as pg:
         storage = pg.create_database("studies", "optuna", "bench-pw")
         import optuna

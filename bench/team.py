@@ -3,7 +3,8 @@
 1. Tracking per epoch: pneumoseg's ``Tracker.log_metrics`` of one epoch row (the 12 metrics a
    training epoch logs) into the local sqlite store and into an MLflow server on PostgreSQL with
    S3 artifacts (moto's server), against a bare ``MlflowClient.log_batch`` of the same row to the
-   same server. Reported in ms per epoch and as the server / sqlite ratio.
+   same store, the two interleaved epoch by epoch (alternating which goes first). Reported in
+   ms per epoch and as the server / sqlite and tracker / bare ratios.
 2. ``dvc push`` to the S3 remote, then a fresh ``git clone`` + ``dvc pull``, of the tiny demo
    pipeline's outputs (the sizes are printed), against ``aws s3 cp``-like boto3 uploads of the
    same files (the bare baseline).
@@ -40,8 +41,11 @@ ROW = {  # one epoch's metrics, as training logs them
 }  # fmt: skip
 
 
-def per_epoch_ms(uri: str, epochs: int, bare: bool) -> list[float]:
-    """ms per epoch row logged to ``uri`` by the Tracker (or a bare client when ``bare``)."""
+def paired_ms(uri: str, epochs: int) -> dict[str, list[float]]:
+    """ms per epoch row logged to ``uri`` by the Tracker and by a bare client, interleaved:
+    each epoch logs through both, in alternating order, so a server that warms up or drifts
+    weighs on both sides alike (a sequential run of one side after the other measured the
+    first side on a cold server)."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -49,26 +53,29 @@ def per_epoch_ms(uri: str, epochs: int, bare: bool) -> list[float]:
     from pneumoseg.tracking import Tracker
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    times = []
-    if bare:
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name("bench") or client.get_experiment(
-            client.create_experiment("bench")
-        )
-        run_id = client.create_run(exp.experiment_id).info.run_id
-        for step in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            now = int(time.time() * 1000)
-            client.log_batch(run_id, [Metric(k, v, now, step) for k, v in ROW.items()])
-            times.append((time.perf_counter() - t0) * 1000)
-        client.set_terminated(run_id)
-        return times
-    tracker = Tracker(MlflowParams(experiment="bench"))
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("bench") or client.get_experiment(
+        client.create_experiment("bench")
+    )
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    tracker = Tracker(MlflowParams(experiment="bench"), experiment="bench")
     tracker.start("bench", {"stage": "bench"})
-    for step in range(1, epochs + 1):
-        t0 = time.perf_counter()
+
+    def bare(step: int) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, [Metric(k, v, now, step) for k, v in ROW.items()])
+
+    def ours(step: int) -> None:
         tracker.log_metrics(ROW, step)
-        times.append((time.perf_counter() - t0) * 1000)
+
+    times: dict[str, list[float]] = {"tracker": [], "bare client": []}
+    for step in range(1, epochs + 1):
+        order = [("tracker", ours), ("bare client", bare)]
+        for name, log in order if step % 2 else order[::-1]:
+            t0 = time.perf_counter()
+            log(step)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    client.set_terminated(run_id)
     tracker.end()
     return times
 
@@ -96,10 +103,12 @@ def main() -> None:
                "--artifacts-destination", f"s3://{s3.bucket}/mlflow"]  # fmt: skip
         with http_server(cmd, port, tmp / "server.log", extra_env=s3.env()) as (server, _):
             sqlite = f"sqlite:///{tmp}/mlflow.db"
+            local, remote = paired_ms(sqlite, args.epochs), paired_ms(server, args.epochs)
             figures = {
-                "tracker -> sqlite": per_epoch_ms(sqlite, args.epochs, bare=False),
-                "tracker -> server": per_epoch_ms(server, args.epochs, bare=False),
-                "bare client -> server": per_epoch_ms(server, args.epochs, bare=True),
+                "tracker -> sqlite": local["tracker"],
+                "bare client -> sqlite": local["bare client"],
+                "tracker -> server": remote["tracker"],
+                "bare client -> server": remote["bare client"],
             }
         print(f"\nTracking one epoch row ({len(ROW)} metrics), {args.epochs} epochs each")
         print(f"{'':24} {'median ms':>10} {'p90 ms':>8}")

@@ -8,6 +8,7 @@ grepping outputs; ``radiograph(size, seed)`` draws a chest-like uint8 picture wh
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,9 +17,19 @@ from typing import Any
 import numpy as np
 import pytest
 from engines import Postgres, running_postgres
-from pipeline_helpers import DvcProject, Pipeline, probed_pipeline, reproduced_project
+from pipeline_helpers import (
+    PINNED_THREADS,
+    DvcProject,
+    Pipeline,
+    pin_threads,
+    probed_pipeline,
+    reproduced_project,
+)
 
 for _key, _value in {
+    # the tests' trainings use one thread each (pin_threads): bit-for-bit comparisons hold
+    # whatever else runs, and pytest-xdist's two workers share the two cores without fighting
+    "PNEUMOSEG_THREADS": PINNED_THREADS,
     "HF_HUB_OFFLINE": "1",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -151,15 +162,47 @@ TINY_PSEUDO = {
 }  # fmt: skip
 
 
+def built_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]
+) -> tuple[Path, Any]:
+    """``build(folder)`` once for the whole test run, also across pytest-xdist's workers: the
+    first to get here builds it under a lock, the others wait and reuse it (``build`` returns
+    what describes it, as JSON). Tests read it, and copy it before they change anything."""
+    from pneumoseg.locks import file_lock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, shared by its workers
+    home = root / f"built-{name}"
+    home.mkdir(exist_ok=True)
+    with file_lock(home / ".lock"):
+        done, failed = home / "done.json", home / "failed.txt"
+        if failed.is_file():  # one failure is enough: the other tests say so without retrying
+            pytest.fail(f"the shared {name} project could not be built: {failed.read_text()}")
+        if not done.is_file():
+            try:
+                with pytest.MonkeyPatch.context() as mp:
+                    pin_threads(mp)  # tests compare their retrainings with these weights
+                    described = build(home / "p")
+            except Exception as exc:
+                failed.write_text(f"{type(exc).__name__}: {str(exc)[-3000:]}")
+                raise
+            done.write_text(json.dumps(described))
+        return home / "p", json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """The tiny demo project after one run of every stage (trained once for the whole test
     run), with a second ensemble member; tests that change files work on
     ``tiny_pipeline.copy(tmp_path / "p")``."""
-    return probed_pipeline(
-        tmp_path_factory.mktemp("tiny") / "p",
-        {"ensemble": TINY_MEMBER, "pseudo_label": TINY_PSEUDO},
-    )
+
+    def build(path: Path) -> Any:
+        overrides = {"ensemble": TINY_MEMBER, "pseudo_label": TINY_PSEUDO}
+        return probed_pipeline(path, overrides).reports
+
+    path, reports = built_once(tmp_path_factory, "tiny", build)
+    return Pipeline(path, reports)
 
 
 @pytest.fixture(scope="session")
@@ -173,4 +216,34 @@ def postgres() -> Iterator[Postgres]:
 def dvc_project(tmp_path_factory: pytest.TempPathFactory) -> DvcProject:
     """A git + DVC tiny project after one real `dvc repro` from nothing, committed (tag
     ``base``); tests work on ``dvc_project.copy(tmp_path / "p")``."""
-    return reproduced_project(tmp_path_factory.mktemp("dvc") / "p")
+    path, ran = built_once(tmp_path_factory, "dvc", lambda p: sorted(reproduced_project(p).ran))
+    return DvcProject(path, set(ran))
+
+
+# The longest test files first, so that pytest-xdist's two workers (``--dist loadfile``: a file
+# stays on one worker) finish together instead of one waiting on the other's last long file.
+# The first two need different shared projects, which the two workers then build side by side.
+LONGEST_FIRST = (
+    "test_results.py",  # the DVC project: a queued retraining, two threshold-only experiments
+    "faults/test_faults.py",  # the tiny pipeline: kills, signals, torn files, concurrency
+    "faults/test_stage_kills.py",
+    "test_train.py",
+    "test_registry.py",
+    "test_study.py",
+    "test_secrets.py",
+    "faults/test_tracking_outage.py",
+    "test_pseudo_labels.py",
+    "test_declarations.py",
+    "test_bench.py",
+    "test_experiments.py",
+    "test_ensemble_members.py",
+    "test_arrays.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a file stays

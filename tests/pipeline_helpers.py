@@ -48,6 +48,17 @@ TINY: dict[str, Any] = {
 }
 
 
+PINNED_THREADS = "1"  # the tests' trainings: one thread each (two xdist workers, two cores)
+
+
+def pin_threads(monkeypatch: Any) -> None:
+    """Pin the torch thread count of the trainings a test starts (in-process and subprocesses):
+    the thread rule follows the other live trainers, and another count changes float sums, so
+    a test that compares weights bit for bit pins it (conftest pins the whole run the same
+    way; a test that exercises the rule unpins it)."""
+    monkeypatch.setenv("PNEUMOSEG_THREADS", PINNED_THREADS)
+
+
 def deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict update (lists replaced)."""
     for key, value in new.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import Pipeline, cli, pneumoseg, set_params
+from pipeline_helpers import Pipeline, cli, pin_threads, pneumoseg, set_params
 
 from pneumoseg.arrays import ArrayRows, read_pair, write_arrays
 from pneumoseg.data import SegDataset
@@ -79,9 +79,12 @@ def test_the_arrays_stage_is_a_command_with_a_summary(project: Path, tmp_path: P
     assert not (work / "data/arrays2.partial").exists()
 
 
-def test_zero_and_two_loader_workers_train_identical_weights(project: Path, tmp_path: Path) -> None:
+def test_zero_and_two_loader_workers_train_identical_weights(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Augmentation is seeded per item and the rows come from one file: the worker processes
     change where the work runs, not what it computes."""
+    pin_threads(monkeypatch)  # bit-for-bit weights: one thread count
     weights = []
     for workers in (0, 2):
         work = tmp_path / f"w{workers}"

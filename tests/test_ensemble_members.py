@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import TINY_MEMBER
+from oof_maps import blended
 from pipeline_helpers import Pipeline, cli, run, set_params, write_params
 
 from pneumoseg.postprocess import (
@@ -185,7 +186,16 @@ def test_oof_thresholds_and_evaluate_compare_members_honestly(tiny_pipeline: Pip
     for name, maps in (("main", main), ("tiny", tiny)):
         own = exhaustive_best(TripletScorer(maps, masks, native), areas)[1]
         assert fit["alone"][name] == pytest.approx(own)
-    assert fit["score"] >= max(fit["alone"].values())
+    # every candidate's score, recomputed on maps blended here; the deployed weights are a
+    # candidate with the best of those scores (not merely no worse than a member alone)
+    by_hand = []
+    for candidate in fit["candidates"]:
+        blend = blended({"main": main, "tiny": tiny}, candidate["weights"])
+        by_hand.append(exhaustive_best(TripletScorer(blend, masks, native), areas)[1])
+        assert candidate["score"] == pytest.approx(by_hand[-1], abs=1e-12), candidate
+    assert fit["score"] == pytest.approx(max(by_hand), abs=1e-12)
+    best = [c["weights"] for c in fit["candidates"] if c["score"] >= max(by_hand) - 1e-12]
+    assert weights in best
     metrics = json.loads((root / "metrics/thresholds.json").read_text())
     assert metrics["member_weights"] == weights
     evaluation = json.loads((root / "metrics/evaluate.json").read_text())

@@ -274,3 +274,30 @@ def test_a_library_traceback_in_the_log_is_one_line() -> None:
     line = OneLineFormatter("%(levelname)s %(name)s: %(message)s").format(record)
     error = "RuntimeError: libjpeg error code '-1038' returned from Decode()"
     assert line == f"ERROR pydicom: decoding failed ({error})"
+
+
+@pytest.mark.parametrize(
+    "train, expected",
+    [
+        ({"checkpoint": {"final": "best"}}, "checkpoint.final: 'best' ranks epochs on a"),
+        ({"checkpoint": {"final": "average_top_k"}}, "checkpoint.final: 'average_top_k' ranks"),
+        (
+            {"parts": [{"scheduler": {"name": "plateau"}}]},
+            "parts: the plateau scheduler watches a validation split",
+        ),
+    ],
+)
+def test_no_selection_refuses_what_needs_a_validation_split(
+    tmp_path: Path, train: dict[str, Any], expected: str
+) -> None:
+    """``selection.mode: none`` (the shipped default) has no images to rank epochs on: a final
+    weight choice or a scheduler that needs them is refused, naming the key."""
+    base = {"selection": {"mode": "none"}, "swa": {"epochs": 0}, "checkpoint": {"final": "last"}}
+    section = {"train": base | train}
+    message = error_of(write_yaml(tmp_path / "params.yaml", section))
+    assert message.startswith(f"params.yaml: train: {expected}") or message.startswith(
+        f"params.yaml: train.{expected}"
+    ), message
+    assert "\n" not in message
+    section["train"]["selection"] = {"mode": "inner"}  # with a validation split: accepted
+    load_params(write_yaml(tmp_path / "params.yaml", section))

@@ -133,9 +133,17 @@ def test_evaluate_reports_honest_numbers(trained: Path) -> None:
     assert decisions["checkpoint selection"]["oof_images_seen"] == 0
     assert decisions["threshold search"]["oof_images_seen"] == len(ids)
     assert decisions["threshold search"]["affects"] == ["kaggle_dice"]
-    for key in ("kaggle_dice", "kaggle_dice_cross_fitted", "kaggle_dice_untouched"):
-        lo, hi = ev[f"{key}_ci95"]
-        assert lo < hi and lo <= ev[key] <= hi
+    # each interval: the seeded percentile bootstrap of the mean, by hand, over that score's
+    # own per-image values (in-sample: the deployed triplet on the deployed maps)
+    t = Triplet(**{f: post[f] for f in Triplet.__dataclass_fields__})
+    in_sample = kaggle_dice_naive(deployed_maps(trained, post["member_weights"]), masks, t, native)
+    resamples = yaml.safe_load((trained / "params.yaml").read_text())["evaluate"]["bootstrap"]
+    for key, values in (("kaggle_dice", in_sample), ("kaggle_dice_cross_fitted", dice),
+                        ("kaggle_dice_untouched", dice)):  # fmt: skip
+        drawn = np.random.default_rng(0).integers(0, len(values), size=(resamples, len(values)))
+        means = values[drawn].mean(axis=1)
+        by_hand = [np.percentile(means, 2.5), np.percentile(means, 97.5)]
+        assert ev[f"{key}_ci95"] == pytest.approx(by_hand, abs=1e-12), key
     empty = ~masks.reshape(len(masks), -1).any(axis=1)
     assert ev["empty_baseline"] == pytest.approx(empty.mean())
     lost = [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import TINY_PSEUDO
-from pipeline_helpers import Pipeline, cli, repro, run, set_params, write_params
+from pipeline_helpers import Pipeline, cli, pin_threads, repro, run, set_params, write_params
 
 from pneumoseg.pseudo import EMPTY, LEFT_OUT, POSITIVE, label_maps
 
@@ -178,8 +178,9 @@ def test_enabling_pseudo_labels_reruns_only_what_uses_them(
 
 
 def test_a_killed_finetune_resumes_to_the_same_weights_and_run(
-    tiny_pipeline: Pipeline, tmp_path: Path
+    tiny_pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    pin_threads(monkeypatch)  # bit-for-bit weights: one thread count
     import signal
     import subprocess
     import sys

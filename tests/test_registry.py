@@ -455,3 +455,31 @@ def test_dvc_git_tags_restore_models_byte_for_byte(project: Path) -> None:
     run([str(BIN / "dvc"), "checkout"], cwd=project)
     assert _tree(project / "models") == models_v1  # byte for byte
     assert (project / "metrics/registered.json").read_bytes() == record_v1  # -> version 1
+
+
+def test_register_refuses_a_fold_without_its_training_run_until_upload(
+    dvc_project: DvcProject, tmp_path: Path
+) -> None:
+    """A fold trained while MLflow was down has no run id in its model file: register stops with
+    one line naming it (no version whose lineage says ""), and registers once
+    `pneumoseg upload` has made the run, which the version then names."""
+    import torch
+
+    project = dvc_project.copy(tmp_path / "p")
+    model = project / "models/folds/fold1/model.pt"
+    blob = torch.load(model, weights_only=True)
+    client(project).delete_run(blob["meta"]["mlflow_run_id"])  # the store never had it
+    blob["meta"]["mlflow_run_id"] = None  # as training writes it when the store never answered
+    torch.save(blob, model)
+    record = project / "metrics/fold1.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"mlflow_run_id": None}))
+    code, _, err = cli("-q", "register", cwd=project, check=False)
+    assert code == 1 and "no MLflow run records the training of fold1" in err
+    assert "pneumoseg upload" in err and err.count("\n") == 1
+    cli("-q", "upload", "--fold", "1", cwd=project)
+    uploaded = json.loads(record.read_text())["mlflow_run_id"]
+    cli("-q", "register", cwd=project)
+    registered = json.loads((project / "metrics/registered.json").read_text())
+    assert registered["training_run_ids"]["fold1"] == uploaded
+    version = client(project).get_model_version("pneumoseg", registered["version"])
+    assert version.tags["training_run_fold1"] == uploaded

@@ -1,20 +1,24 @@
 """One MLflow row per pipeline result (stage ``result``), on a real DVC pipeline and store.
 
-`dvc repro`, then two DVC experiments (one retrains, one changes only threshold keys): the
-query the MLflow UI makes for its default runs table returns exactly three rows, each with
-every declared param (the reused training's params on the threshold-only row, read from
-dvc.lock), the same numbers as `dvc exp show`, and links that resolve to existing runs and
-the registered model version.
+`dvc repro`, then two DVC experiments queued and run at once (one retrains, one changes only
+threshold keys): the query the MLflow UI makes for its default runs table returns exactly three
+rows, each with every declared param (the reused training's params on the threshold-only row,
+read from dvc.lock), the same numbers as `dvc exp show`, and links that resolve to existing
+runs and the registered model version; every stage run is in the repo's store (not in the
+experiments' temporary copies under .dvc/tmp/exps, the same kind of copy ``dvc exp run
+--temp`` makes), tagged with its experiment.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pipeline_helpers import DvcProject, dvc
+from test_experiments import experiments, run_ids
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +87,11 @@ def test_one_row_per_pipeline_result(dvc_project: DvcProject, tmp_path: Path) ->
     from mlflow.tracking import MlflowClient
 
     project = dvc_project.copy(tmp_path / "p")
-    # --temp: in a copy (the workspace keeps the baseline), the other in the workspace
-    dvc("exp", "run", "--temp", "-n", "retrained", "-S", "train.seed=7", cwd=project)
-    dvc("exp", "run", "-n", "thresholds-only", "-S", "thresholds.seed=5", cwd=project)
+    # two experiments queued and run at once, on the one sqlite store of the repo (each in a
+    # temporary copy under .dvc/tmp/exps): one retrains, one changes only threshold keys
+    dvc("exp", "run", "--queue", "-n", "retrained", "-S", "train.seed=7", cwd=project)
+    dvc("exp", "run", "--queue", "-n", "thresholds-only", "-S", "thresholds.seed=5", cwd=project)
+    run_queue(project, expected=2)
 
     store = f"sqlite:///{project}/mlruns/mlflow.db"
     client = MlflowClient(tracking_uri=store, registry_uri=store)
@@ -132,3 +138,31 @@ def test_one_row_per_pipeline_result(dvc_project: DvcProject, tmp_path: Path) ->
     }
     summaries = dashboard_get(journal, "/api/studies")["study_summaries"]
     assert name in [s["study_name"] for s in summaries]
+    # every stage run of each experiment is in the repo's store, tagged with the experiment
+    shown_all = experiments(project)
+    base_ids = run_ids(shown_all["workspace"])
+    for name in ("retrained", "thresholds-only"):
+        for path, run_id in run_ids(shown_all[name]).items():
+            stage_run = client.get_run(run_id)  # in the repo's store (raises if not)
+            if run_id != base_ids[path]:
+                assert stage_run.data.tags["dvc_exp_name"] == name, (path, stage_run.data.tags)
+                assert stage_run.data.tags["dvc_exp_baseline_rev"]
+        registered = shown_all[name]["metrics/registered.json"]
+        version = client.get_model_version(registered["name"], registered["version"])
+        assert version.tags["dvc_exp_name"] == name
+    assert not list((project / ".dvc/tmp/exps").rglob("mlflow.db"))  # no store in a copy
+
+
+def run_queue(project: Path, expected: int) -> None:
+    """``dvc queue start -j 2`` and wait until the queue is done: ``expected`` successes."""
+    try:
+        dvc("queue", "start", "-j", "2", cwd=project)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = dvc("queue", "status", cwd=project).stdout
+            if "Running" not in status and "Queued" not in status:
+                break
+            time.sleep(3)
+        assert status.count("Success") == expected, status
+    finally:
+        dvc("queue", "stop", "--kill", cwd=project, check=False)

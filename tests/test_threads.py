@@ -99,3 +99,37 @@ def test_two_training_processes_split_the_cores_and_one_alone_takes_them_all(
     cores = int(alone.stdout.split()[0])
     assert got == [max(1, cores // 2)] * 2
     assert cores == affinity_cores()
+
+
+@pytest.mark.slow
+def test_a_training_applies_the_rule_at_every_epoch_start(
+    tiny_pipeline: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another trainer starts after epoch 1 of a running training: from epoch 2 on the running
+    one trains with its share of the cores, not with all of them."""
+    from pneumoseg.params import load_params
+    from pneumoseg.training.trainer import FoldTrainer
+
+    for name in (threads.ENV, "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(threads.REGISTRY_ENV, str(tmp_path / "trainers"))  # this test's host
+    project = tiny_pipeline.copy(tmp_path / "p")  # type: ignore[attr-defined]
+    monkeypatch.chdir(project)
+    params = load_params("params.yaml")
+    seen: dict[int, int] = {}
+    other = subprocess.Popen(["sleep", "300"])  # a live process standing for a second trainer
+    registered = tmp_path / "trainers" / str(other.pid)
+
+    def hook(row: dict) -> None:
+        seen[row["epoch"]] = torch.get_num_threads()  # what this epoch trained with
+        if row["epoch"] == 1:
+            registered.touch()
+
+    try:
+        FoldTrainer(params, 1, progress=False, on_epoch=hook).run()
+    finally:
+        registered.unlink(missing_ok=True)
+        other.kill()
+        other.wait()
+    cores = affinity_cores()
+    assert seen == {1: cores, 2: max(1, cores // 2)}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from pipeline_helpers import Pipeline, env, pneumoseg, set_params
+from pipeline_helpers import Pipeline, env, pin_threads, pneumoseg, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -288,7 +288,7 @@ def test_observed_heldout_curves_change_nothing_the_training_decides(
     """train.observe_heldout_every: the held-out fold scored every epoch, observed only: the
     weights, the checkpoint ranking and the record are bit for bit those of a run that never
     looks, and the last look equals the final record's held-out score of the same weights."""
-    monkeypatch.setenv("PNEUMOSEG_THREADS", "1")  # bit-for-bit weights: one thread count
+    pin_threads(monkeypatch)  # bit-for-bit weights: one thread count
     # a classification head trains through dropout: the global random stream matters
     parts = [p | {"loss": p["loss"] | {"cls": 0.5}} for p in FOUR_EPOCHS["train"]["parts"]]
     train = {"checkpoint": {"top_k": 2, "final": "last"}, "parts": parts}
@@ -334,8 +334,9 @@ def test_observed_heldout_curves_change_nothing_the_training_decides(
 
 
 def test_kill_mid_part_and_in_swa_then_resume_gives_identical_weights(
-    data_dir: Path, tmp_path: Path
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    pin_threads(monkeypatch)  # bit-for-bit weights: one thread count
     reference = clone(data_dir, tmp_path / "ref")
     set_params(reference, MID_PART)
     pneumoseg("-q", "train", "--fold", "1", cwd=reference)
@@ -380,31 +381,37 @@ def test_a_kill_while_saving_loses_no_checkpoint_and_logs_no_epoch_twice(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """top_k 1 on a metric that improves every epoch: each epoch evicts the previous file.
-    A kill while the state of epoch 2 is being saved must leave epoch 1's file, which the
-    saved state (epoch 1) still lists, on disk; the rerun then completes, and the epoch that
-    ran twice is logged once."""
+    A kill in the middle of writing epoch 2's state (half its bytes written) must leave the
+    saved state of epoch 1 whole, and epoch 1's file, which that state still lists, on disk;
+    the rerun then completes, and the epoch that ran twice is logged once."""
     from pipeline_helpers import cli
 
-    from pneumoseg.training.state import ResumeStore, RunState
+    import pneumoseg.training.state as state_module
 
     project = clone(data_dir, tmp_path / "evict")
     set_params(project, {"train": {"checkpoint": {"top_k": 1, "monitor": "epoch", "mode": "max"}}})
-    original = ResumeStore.save
+    original = state_module.torch.save
+    landed: list[int] = []
 
-    def dies_at_epoch_two(self: ResumeStore, state: RunState, torch_state: dict) -> None:
-        if len(state.history) == 2:
+    def dies_writing_epoch_two(obj: object, fh: object, *args: object, **kw: object) -> None:
+        run = obj.get("run") if isinstance(obj, dict) else None  # the resume state only
+        if isinstance(run, dict) and len(run["history"]) == 2:
+            fh.write(b"half of a state")  # type: ignore[attr-defined]
+            landed.append(2)
             raise KeyboardInterrupt("killed while saving")
-        return original(self, state, torch_state)
+        return original(obj, fh, *args, **kw)
 
-    monkeypatch.setattr(ResumeStore, "save", dies_at_epoch_two)
+    monkeypatch.setattr(state_module.torch, "save", dies_writing_epoch_two)
     code, _, err = cli("-q", "train", "--fold", "0", cwd=project, check=False)
+    assert landed == [2]  # the kill landed inside save(), mid-write
     assert code == 130 and "stopped by SIGINT; rerun the same command" in err
     saved = torch.load(project / "checkpoints/fold0/last.pt", weights_only=False)["run"]
     assert len(saved["history"]) == 1
     listed = [c["path"] for c in saved["topk"]]
     assert listed == ["part0-epoch001.pt"]
     assert all((project / "checkpoints/fold0" / name).is_file() for name in listed)
-    monkeypatch.setattr(ResumeStore, "save", original)
+    assert not list((project / "checkpoints/fold0").glob(".*.tmp"))  # the torn write is gone
+    monkeypatch.setattr(state_module.torch, "save", original)
     cli("-q", "train", "--fold", "0", cwd=project)
     ckpts = json.loads((project / "models/folds/fold0/checkpoints.json").read_text())
     assert [(c["part"], c["epoch"]) for c in ckpts] == [(0, 2), (1, 4)]
@@ -486,3 +493,96 @@ def test_a_diverged_training_stops_with_one_line_and_a_failed_run(
     assert not (project / "models/folds/fold0/model.pt").exists()
     (run,) = mlflow_runs(project)
     assert run.info.status == "FAILED"
+
+
+def test_a_kill_between_the_final_record_and_its_file_logs_nothing_twice(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold's final_* and heldout_* metrics are logged before metrics/fold<k>.json is
+    written; a kill between the two makes the rerun write the record again: each of those
+    metrics still holds exactly one value."""
+    from mlflow.tracking import MlflowClient
+    from pipeline_helpers import cli
+
+    import pneumoseg.training.record as record_module
+
+    project = clone(data_dir, tmp_path / "p")
+    original = record_module.write_json
+    landed: list[str] = []
+
+    def dies_before_the_record(path: object, data: object, *args: object) -> None:
+        if str(path).endswith("fold0.json"):
+            landed.append(str(path))
+            raise KeyboardInterrupt("killed before the record file")
+        original(path, data, *args)
+
+    monkeypatch.setattr(record_module, "write_json", dies_before_the_record)
+    code, _, _ = cli("-q", "train", "--fold", "0", cwd=project, check=False)
+    assert code == 130 and len(landed) == 1
+    assert not (project / "metrics/fold0.json").exists()
+    (run,) = mlflow_runs(project)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    finals = [k for k in run.data.metrics if k.startswith(("final_", "heldout_"))]
+    assert "heldout_kaggle_dice" in finals and "final_kaggle_dice" in finals  # logged once
+    monkeypatch.setattr(record_module, "write_json", original)
+    cli("-q", "train", "--fold", "0", cwd=project)
+    assert json.loads((project / "metrics/fold0.json").read_text())["mlflow_run_id"] == (
+        run.info.run_id
+    )
+    for key in finals:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert len(history) == 1, (key, [(m.step, m.value) for m in history])
+
+
+def test_the_shipped_training_section_averages_its_last_epochs(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training section of the shipped params.yaml (no selection split, SWA of the last
+    epochs), only its sizes, epochs and decoder shrunk: the fold's weights are the average of
+    the last swa.epochs epochs' weights (the checkpoints of a run without selection are its last
+    epochs), with BatchNorm statistics recomputed on the training images, by hand here."""
+    import csv
+
+    from torch.utils.data import DataLoader
+
+    from pneumoseg.data import SegDataset
+    from pneumoseg.models import load_model_file
+
+    pin_threads(monkeypatch)
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["train"]
+    assert shipped["selection"]["mode"] == "none" and shipped["checkpoint"]["final"] == "swa"
+    train = shipped | {"folds": [0, 1], "batch_size": 4, "swa": shipped["swa"] | {"epochs": 2}}
+    train["model"] = shipped["model"] | {"decoder_channels": [32, 16, 8, 8, 4]}
+    epochs = (2, 3)
+    train["parts"] = [
+        p | {"size": 64, "epochs": e} for p, e in zip(shipped["parts"], epochs, strict=True)
+    ]
+    train["checkpoint"] = shipped["checkpoint"] | {"top_k": 2}  # keeps the last 2 epochs
+    project = clone(data_dir, tmp_path / "p")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"] = params["train"] | train
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pneumoseg("-q", "train", "--fold", "0", cwd=project)
+    folder = project / "models/folds/fold0"
+    last = sorted(json.loads((folder / "checkpoints.json").read_text()), key=lambda c: c["epoch"])
+    last = [c for c in last if c["part"] == 1]
+    assert [c["epoch"] for c in last] == [4, 5]  # the last two epochs of the last part
+    states = [state_dict(folder / "checkpoints" / c["path"]) for c in last]
+    net, _ = load_model_file(folder / "checkpoints" / last[0]["path"])
+    averaged = {k: (v.float() + states[1][k].float()) / 2 for k, v in states[0].items()}
+    net.load_state_dict({k: v.to(states[0][k].dtype) for k, v in averaged.items()})
+    with (project / "data/folds.csv").open(newline="") as fh:
+        train_ids = sorted(r["ImageId"] for r in csv.DictReader(fh) if r["fold"] != "0")
+    images = SegDataset(train_ids, project / "data/arrays", 64, 1)
+    loader = DataLoader(images, batch_size=4, shuffle=False)
+    torch.optim.swa_utils.update_bn(((x, y) for x, y, _ in loader), net)
+    expected = net.state_dict()
+    final = state_dict(folder / "model.pt")
+    assert final.keys() == expected.keys()
+    for key, value in expected.items():
+        if value.is_floating_point():
+            assert torch.allclose(final[key], value, atol=2e-6), key
+        else:
+            assert torch.equal(final[key], value), key
+    # and not merely one of the two epochs
+    assert any(not torch.equal(final[k], states[1][k]) for k in final if "running" not in k)

@@ -11,19 +11,30 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from pipeline_helpers import BIN, TWO_PART_TRAINING, DvcProject, Pipeline, env, set_params
+from engines import unavailable
+from pipeline_helpers import (
+    BIN,
+    TWO_PART_TRAINING,
+    DvcProject,
+    Pipeline,
+    env,
+    pin_threads,
+    set_params,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -42,6 +53,52 @@ def pneumoseg(project: Path, *args: str, timeout: float = 600) -> subprocess.Com
         text=True,
         timeout=timeout,
     )
+
+
+def fault_mid_work(
+    project: Path,
+    args: list[str],
+    marker: str,
+    delay: float | None,
+    signum: int = signal.SIGKILL,
+) -> tuple[bool, subprocess.CompletedProcess, float]:
+    """Start ``pneumoseg -q ARGS`` with progress lines and send ``signum`` ``delay`` seconds
+    after the first stderr line holding ``marker`` (the stage's first progress line: imports
+    done, work begun; ``delay`` None: no fault). Returns whether the fault landed mid-work (the
+    process was still running when it came), the finished process (with all its stderr) and
+    how long it worked from that line to its end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pneumoseg", "-q", *args],
+        cwd=project,
+        env=env() | {"PNEUMOSEG_PROGRESS": "lines", "PNEUMOSEG_PROGRESS_SECONDS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    began = threading.Event()
+
+    def read() -> None:  # drain stderr the whole time (a full pipe would stall the stage)
+        for line in proc.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            if marker in line:
+                began.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while not began.wait(0.01) and proc.poll() is None:
+        pass
+    began_at, landed = time.monotonic(), False
+    if began.is_set() and delay is not None:
+        time.sleep(delay)
+        landed = proc.poll() is None
+        if landed:
+            proc.send_signal(signum)
+    proc.wait(timeout=600)
+    worked = time.monotonic() - began_at
+    reader.join(timeout=60)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, "", "".join(lines))
+    return landed, done, worked
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -65,8 +122,26 @@ def converted(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory)
     project = tiny_pipeline.copy(tmp_path_factory.mktemp("faults") / "p")
     set_params(project, {"data": {"workers": 2}})
     shutil.rmtree(project / "data/processed")
-    assert pneumoseg(project, "-q", "convert").returncode == 0
+    _, proc, worked = fault_mid_work(project, ["convert"], CONVERTING, None)  # no fault: timed
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (project / "convert-seconds.txt").write_text(str(worked))
     return project
+
+
+CONVERTING = "pneumoseg.progress: convert: "  # its first progress line: the work has begun
+
+
+def convert_mid_work(
+    project: Path, seconds: float, fraction: float, signum: int
+) -> tuple[bool, subprocess.CompletedProcess]:
+    """A fault ``fraction`` of the way into the conversion's work (its clean run took
+    ``seconds`` from its first progress line); when the conversion ended first, once more,
+    sooner."""
+    for f in (fraction, fraction / 4, 0.0):
+        landed, proc, _ = fault_mid_work(project, ["convert"], CONVERTING, seconds * f, signum)
+        if landed:
+            break
+    return landed, proc
 
 
 @pytest.mark.parametrize("seed", range(SEEDS))
@@ -75,17 +150,37 @@ def test_kill_9_in_convert_then_rerun_gives_a_clean_conversion(
 ) -> None:
     project = shutil.copytree(converted, tmp_path / "p", symlinks=True)
     clean = tree_digest(project / "data/processed")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pneumoseg", "-q", "convert"], cwd=project, env=env()
-    )
-    time.sleep(random.Random(seed).uniform(0.3, 2.5))  # anywhere from imports to the end
-    proc.kill()
-    proc.wait()
+    fraction = random.Random(seed).uniform(0.05, 0.9)  # anywhere in the work
+    landed, proc = convert_mid_work(project, converted_seconds(converted), fraction, signal.SIGKILL)
     untouched = tree_digest(project / "data/processed") == clean  # old output still whole
+    orphans = processes_in(project, "pneumoseg", wait=10)  # its worker processes end with it
     rerun = pneumoseg(project, "-q", "convert")
-    held = untouched and rerun.returncode == 0 and tree_digest(project / "data/processed") == clean
-    record("kill -9 at a random point", "convert", "previous output intact, rerun identical", held)
-    assert held, rerun.stderr[-2000:]
+    held = (
+        proc.returncode == -signal.SIGKILL
+        and untouched
+        and not orphans
+        and rerun.returncode == 0
+        and tree_digest(project / "data/processed") == clean
+    )
+    what = "no worker left behind, previous output intact, rerun identical"
+    record("kill -9 mid-work", "convert", what, held, landed)
+    assert landed and held, (proc.returncode, orphans, rerun.stderr[-2000:])
+
+
+def processes_in(folder: Path, pattern: str, wait: float = 0.0) -> list[int]:
+    """Processes matching ``pattern`` whose working folder is ``folder`` (after waiting up to
+    ``wait`` seconds for them to end)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+        pids = []
+        for pid in map(int, found.split()):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cwd").resolve() == folder.resolve():
+                    pids.append(pid)
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
@@ -94,31 +189,29 @@ def test_a_signal_in_convert_stops_cleanly(
 ) -> None:
     project = shutil.copytree(converted, tmp_path / "p", symlinks=True)
     clean = tree_digest(project / "data/processed")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pneumoseg", "-q", "convert"],
-        cwd=project,
-        env=env(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(2.5)  # past the imports, while converting
-    proc.send_signal(signal.Signals[name])
-    _, err = proc.communicate(timeout=120)
-    code = 128 + signal.Signals[name] if proc.returncode > 0 else proc.returncode
-    stopped = proc.returncode == 0 or (proc.returncode == code and "stopped by" in err)
+    signum = signal.Signals[name]
+    landed, proc = convert_mid_work(project, converted_seconds(converted), 0.3, signum)
+    stopped = proc.returncode == 128 + signum and "stopped by" in proc.stderr
     rerun = pneumoseg(project, "-q", "convert")
     held = stopped and rerun.returncode == 0 and tree_digest(project / "data/processed") == clean
-    record(f"{name}", "convert", "exit 128+N with one line (or done), rerun identical", held)
-    assert held, err[-2000:]
+    record(f"{name} mid-work", "convert", f"exit {128 + signum} with one line, rerun identical",
+           held, landed)  # fmt: skip
+    assert landed and held, (proc.returncode, proc.stderr[-2000:])
+
+
+def converted_seconds(project: Path) -> float:
+    """How long the clean conversion worked, from its first progress line to its end."""
+    return float((project / "convert-seconds.txt").read_text())
 
 
 @contextlib.contextmanager
 def small_disk(path: Path, size: int | str, keep: Path) -> Iterator[Path]:
-    """A ``size`` tmpfs mounted at ``path`` for the block (root only, else skip); the real
+    """A ``size`` tmpfs mounted at ``path`` for the block (root only, else skip; under CI
+    fail); the real
     folder waits at ``keep`` (yielded: the block fills the small disk from it) and is put back
     afterwards."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+        unavailable("mounting a small tmpfs needs root")
     shutil.move(str(path), str(keep))
     path.mkdir()
     if subprocess.run(
@@ -126,7 +219,7 @@ def small_disk(path: Path, size: int | str, keep: Path) -> Iterator[Path]:
     ).returncode:
         path.rmdir()
         shutil.move(str(keep), str(path))
-        pytest.skip("cannot mount a tmpfs here")
+        unavailable("cannot mount a tmpfs here")
     try:
         yield keep
     finally:
@@ -321,12 +414,21 @@ def test_fuzzed_dicoms_never_crash_or_hang_convert_or_predict(
 # ----------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def trained_once(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fold 0 trained without interruption (the reference weights)."""
+    """Fold 0 trained without interruption (the reference weights; the tests that compare with
+    them pin the thread count as this does)."""
     project = tiny_pipeline.copy(tmp_path_factory.mktemp("faults-train") / "p")
     set_params(project, TWO_PART_TRAINING)
     shutil.rmtree(project / "mlruns")
-    assert pneumoseg(project, "-q", "train", "--fold", "0").returncode == 0
+    with pytest.MonkeyPatch.context() as mp:
+        pin_threads(mp)
+        assert pneumoseg(project, "-q", "train", "--fold", "0").returncode == 0
     return project
+
+
+@pytest.fixture
+def pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit-for-bit weights: the thread count of the reference (see pin_threads)."""
+    pin_threads(monkeypatch)
 
 
 def weights(project: Path) -> dict[str, torch.Tensor]:
@@ -348,26 +450,72 @@ def interrupt_training(project: Path, epochs: int, name: str) -> subprocess.Comp
 
 @pytest.mark.parametrize(("name", "epochs"), [("SIGTERM", 1), ("SIGINT", 3)])
 def test_a_signal_in_training_stops_it_and_the_rerun_resumes_exactly(
-    trained_once: Path, tmp_path: Path, name: str, epochs: int, record: Record
+    trained_once: Path, tmp_path: Path, name: str, epochs: int, record: Record, pinned: None
 ) -> None:
     project = shutil.copytree(trained_once, tmp_path / "p", symlinks=True)
     for out in ("models", "metrics", "plots", "mlruns"):
         shutil.rmtree(project / out, ignore_errors=True)
     stopped = interrupt_training(project, epochs, name)
     code = 128 + signal.Signals[name]
+    killed = fold_run_status(project)  # not RUNNING forever: KILLED until a rerun resumes it
     rerun = pneumoseg(project, "-q", "train", "--fold", "0")
     held = (
         stopped.returncode == code
         and "stopped by" in stopped.stderr
+        and killed[1] == "KILLED"
         and rerun.returncode == 0
+        and fold_run_status(project) == (killed[0], "FINISHED")  # the same run, resumed
         and same_weights(project, trained_once)
     )
-    record(name, "train", f"exit {code} with one line; the rerun ends with identical weights", held)
-    assert held, (stopped.stderr + rerun.stderr)[-2000:]
+    record(name, "train", f"exit {code} with one line, the run KILLED; the rerun resumes it "
+           "and ends with identical weights", held)  # fmt: skip
+    assert held, f"{killed} {(stopped.stderr + rerun.stderr)[-2000:]}"
+
+
+def test_a_resume_state_nothing_will_resume_is_removed(
+    trained_once: Path, tmp_path: Path, record: Record
+) -> None:
+    """A training stopped mid-way whose fold is then put in place another way (DVC restores it
+    from its run cache, the same params and data): its resume state would sit in checkpoints/
+    for ever; oof removes it with one line. A state of other params is kept."""
+    project = shutil.copytree(trained_once, tmp_path / "p", symlinks=True)
+    set_params(project, {"pseudo_label": {"folds": []}})  # oof reads fold 0's own model
+    model = project / "models/folds/fold0/model.pt"
+    before = model.read_bytes()
+    stopped = interrupt_training(project, 1, "SIGTERM")
+    assert stopped.returncode == 143 and model.read_bytes() == before  # the model in place
+    state = project / "checkpoints/fold0"
+    assert (state / "last.pt").is_file()
+    other = project / "checkpoints/fold1"  # a state of other params: may still be resumed
+    shutil.copytree(state, other)
+    key = json.loads((other / "run_key.json").read_text())
+    (other / "run_key.json").write_text(json.dumps(key | {"run_key": "other|params|fold1"}))
+    proc = pneumoseg(project, "-q", "oof")
+    lines = [x for x in proc.stderr.splitlines() if "removed" in x]
+    held = (
+        proc.returncode == 0
+        and not state.exists()
+        and len(lines) == 1
+        and f"removed {Path('checkpoints/fold0')}" in lines[0]
+        and other.is_dir()
+    )
+    record("training stopped, its fold restored another way", "oof",
+           "the stale resume state removed with one line", held)  # fmt: skip
+    assert held, proc.stderr[-2000:]
+
+
+def fold_run_status(project: Path) -> tuple[str, str]:
+    """(run id, status) of fold 0's one training run in the project's store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("pneumoseg-stages")
+    (run,) = client.search_runs([exp.experiment_id], "tags.stage = 'train'")
+    return run.info.run_id, run.info.status
 
 
 def test_a_torn_resume_state_falls_back_one_generation(
-    trained_once: Path, tmp_path: Path, record: Record
+    trained_once: Path, tmp_path: Path, record: Record, pinned: None
 ) -> None:
     project = shutil.copytree(trained_once, tmp_path / "p", symlinks=True)
     for out in ("models", "metrics", "plots", "mlruns"):
@@ -472,15 +620,23 @@ def test_two_dvc_repro_at_once_the_second_is_refused(
     set_params(project, {"thresholds": {"seed": 5}})  # something to run
     first = subprocess.Popen(
         [str(BIN / "dvc"), "repro", "thresholds"], cwd=project, env=env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
-    time.sleep(2.0)
+    for line in first.stdout:  # type: ignore[union-attr]
+        if "Running stage" in line:  # the first holds the repo's lock and is working
+            break
+    running = first.poll() is None
     second = subprocess.run(
         [str(BIN / "dvc"), "repro", "thresholds"], cwd=project, env=env(),
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    first.wait(timeout=300)
-    held = first.returncode == 0 and second.returncode != 0 and "lock" in second.stderr.lower()
+    first.communicate(timeout=300)
+    held = (
+        running
+        and first.returncode == 0
+        and second.returncode != 0
+        and "lock" in second.stderr.lower()
+    )
     record("two `dvc repro` at once", "dvc", "the second is refused by DVC's lock", held)
     assert held, second.stderr[-2000:]
 

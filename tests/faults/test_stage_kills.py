@@ -1,9 +1,9 @@
-"""kill -9 at a random point of every stage after training, two registers at once, a promote
-during a register, and a full disk while training saves its checkpoints or oof writes its maps.
+"""kill -9 mid-work in every stage after training, two registers at once, a promote during a
+register, and a full disk while training saves its checkpoints or oof writes its maps.
 
-Each stage is killed at a seeded random moment between its start and the time its clean run
-took (the tiny pipeline's own run, ``wall_seconds``), then rerun; the rerun's outputs are
-compared with that clean run's, and no MLflow run of the stage may stay RUNNING.
+Each stage is killed at a seeded random moment after the first line of its work (its first
+progress line: imports done) and before its end, then rerun; the rerun's outputs are compared
+with its clean run's, and no MLflow run of the stage may stay RUNNING.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import Pipeline, deep_update, env, set_params
+from pipeline_helpers import Pipeline, deep_update, env, pin_threads, set_params
 
 from .test_faults import (
     SEEDS,
+    fault_mid_work,
     interrupt_training,
     pneumoseg,
     same_weights,
@@ -114,9 +115,21 @@ def predicted(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory)
     return outputs(project, "predict"), time.monotonic() - t0
 
 
+# each stage's first line once its work has begun (imports done): a progress bar's first line,
+# register's packaging line
+MARKERS = {
+    "oof": "pneumoseg.progress: oof: ",
+    "thresholds": "pneumoseg.progress: thresholds: ",
+    "evaluate": "pneumoseg.progress: evaluate: ",
+    "register": "register: packaging",
+    "submit": "pneumoseg.progress: submit: ",
+    "predict": "pneumoseg.progress: predict: ",
+}
+
+
 @pytest.mark.parametrize("seed", range(KILL_SEEDS))
 @pytest.mark.parametrize("stage", STAGES)
-def test_kill_9_at_a_random_point_then_rerun(
+def test_kill_9_mid_work_then_rerun(
     tiny_pipeline: Pipeline,
     predicted: tuple[object, float],
     tmp_path: Path,
@@ -131,15 +144,13 @@ def test_kill_9_at_a_random_point_then_rerun(
         clean, seconds = outputs(project, stage), tiny_pipeline.reports[stage]["wall_seconds"]
     prepare(project, stage)
     rng = random.Random(f"{stage}{seed}")
-    # a random point; when the stage finished first (a fast machine), once more, sooner
-    fractions = [rng.uniform(0.2, 0.9), rng.uniform(0.05, 0.2), 0.03, 0.015, 0.007]
-    for fraction in fractions:
-        proc = start(project, command(project, stage))
-        try:
-            proc.wait(timeout=seconds * fraction)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    # a random point of the work (past the first line of the stage's work, before its end);
+    # when the stage finished first (a fast machine), once more, sooner
+    for fraction in (rng.uniform(0.05, 0.6), rng.uniform(0.0, 0.05), 0.0):
+        landed, proc, _ = fault_mid_work(
+            project, command(project, stage), MARKERS[stage], seconds * fraction
+        )
+        if landed:
             break
         prepare(project, stage)
     killed = proc.returncode == -9
@@ -160,8 +171,8 @@ def test_kill_9_at_a_random_point_then_rerun(
         what = "rerun gives one version like a clean run, no run left RUNNING"
     if stage == "thresholds":
         what = "the resumed study selects the clean run's triplet, no run left RUNNING"
-    record("kill -9 at a random point", stage, what, held)
-    assert held, (killed, left_running, leftovers, len(versions), rerun.stderr[-2000:])
+    record("kill -9 mid-work", stage, what, held, landed)
+    assert landed and held, (killed, left_running, leftovers, len(versions), rerun.stderr[-2000:])
 
 
 # ------------------------------------------------------------------------- concurrency
@@ -209,8 +220,9 @@ def set_params_file(path: Path, overrides: dict) -> None:  # type: ignore[type-a
 
 
 def test_a_full_disk_while_saving_checkpoints_stops_training_cleanly(
-    tiny_pipeline: Pipeline, tmp_path: Path, record: Record
+    tiny_pipeline: Pipeline, tmp_path: Path, record: Record, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    pin_threads(monkeypatch)  # bit-for-bit with the tiny pipeline's (pinned) weights
     project = tiny_pipeline.copy(tmp_path / "p")
     shutil.rmtree(project / "checkpoints", ignore_errors=True)
     assert interrupt_training(project, 1, "SIGKILL").returncode == -9  # one epoch saved

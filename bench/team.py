@@ -89,6 +89,9 @@ def timed(cmd: list[str], cwd: Path, extra: dict[str, str] | None = None) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument(
+        "--project", type=Path, help="a git + DVC project after `dvc repro` (default: a new one)"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pneumoseg-bench-team-"))
     with running_postgres() as pg, running_s3("bench-secret") as s3:
@@ -125,7 +128,7 @@ def main() -> None:
             f"server / sqlite: {ratio:.2f}x; tracker / bare client on the server: {over_bare:.2f}x"
         )
 
-        project = reproduced_project(tmp / "p").path
+        project = args.project or reproduced_project(tmp / "p").path
         dvc = str(BIN / "dvc")
         remote = ["remote", "modify", "--local", "store"]
         credentials = ([*remote, "access_key_id", s3.key_id],

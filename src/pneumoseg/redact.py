@@ -19,12 +19,19 @@ import re
 from typing import Any
 
 MASK = "***"
+# Linear time on any text (a 5 MB minified report included): each name is matched only from
+# its first character (a lookbehind) and consumed possessively, with no backtracking.
 # user:password@ of a URL; the password runs to the URL's last "@" (quotes and spaces end it)
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s\"'<>]*:)[^\s\"'<>]*@")
+_USERINFO = re.compile(
+    r"(?P<head>(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*+://[^:/?#@\s\"'<>]*+:)[^\s\"'<>]*@"
+)
 _QUERY = re.compile(r"(?P<head>[?&;](?:password|passwd|pwd|secret|token)=)[^&;#\s]*", re.I)
-_SECRET_NAME = r"[A-Za-z0-9_.-]*(?:SECRET|PASSWORD|PASSWD|TOKEN|_KEY|ACCESS_KEY_ID)"
+# NAME=value (or "NAME": "value") where NAME ends in SECRET, PASSWORD, TOKEN or KEY
+_SECRET_END = r"(?:(?<=SECRET)|(?<=PASSWORD)|(?<=PASSWD)|(?<=TOKEN)|(?<=_KEY)|(?<=KEY_ID))"
 _ASSIGNED = re.compile(
-    rf"(?P<head>\b{_SECRET_NAME}\b[\"']?\s*[=:]\s*[\"']?)(?P<value>[^\s,;\"'&]+)", re.I
+    rf"(?P<head>(?<![A-Za-z0-9_.-])[A-Za-z0-9_.-]++{_SECRET_END}[\"']?\s*[=:]\s*[\"']?)"
+    r"(?P<value>[A-Za-z0-9/+=_.~%@:!*#$^-]{6,})",  # what a credential is made of (not code)
+    re.I,
 )
 # environment variables whose values are secrets wherever they appear
 _SECRET_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY_ID|_KEY)$", re.I)

@@ -25,9 +25,10 @@ demo: setup
 	dvc repro
 
 # Two pytest-xdist workers share the two cores (each test training on one thread, see
-# tests/conftest.py); files stay whole on one worker. The profile of the slowest tests closes
-# the log.
-PYTEST_PARALLEL ?= -n 2 --dist loadfile
+# tests/conftest.py); files stay whole on one worker and start longest first (the order of
+# tests/conftest.py, which xdist keeps with --no-loadscope-reorder). The profile of the
+# slowest tests closes the log.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 test: setup engines
 	pytest $(PYTEST_PARALLEL)

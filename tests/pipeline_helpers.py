@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,6 +111,29 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw: Any) -> subprocess.
 
 def pneumoseg(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "pneumoseg", *args], cwd=cwd, check=check)
+
+
+@functools.cache
+def empty_store_file() -> Path:
+    """An MLflow sqlite store with no runs, made by MLflow once per test process (creating one
+    runs every schema migration: about 3 s, in each new store's first process)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="pneumoseg-empty-store-"))
+    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
+
+
+def reset_outputs(
+    project: Path, names: tuple[str, ...] = ("checkpoints", "models", "metrics", "plots")
+) -> Path:
+    """Remove ``names`` and give the project an empty MLflow store (``mlruns/``), as a project
+    that never trained has, the migrations done."""
+    for name in (*names, "mlruns"):
+        shutil.rmtree(project / name, ignore_errors=True)
+    (project / "mlruns").mkdir()
+    shutil.copy(empty_store_file(), project / "mlruns/mlflow.db")
+    return project
 
 
 def make_project(path: Path, overrides: dict[str, Any] | None = None, git: bool = True) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import Pipeline, cli, pin_threads, pneumoseg, set_params
+from pipeline_helpers import Pipeline, cli, pin_threads, pneumoseg, reset_outputs, set_params
 
 from pneumoseg.arrays import ArrayRows, read_pair, write_arrays
 from pneumoseg.data import SegDataset
@@ -19,9 +19,7 @@ from pneumoseg.data import SegDataset
 def project(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline's data (PNGs at 64 px, arrays at 64 px) without its training outputs."""
     path = tiny_pipeline.copy(tmp_path_factory.mktemp("arrays") / "p")
-    for name in ("mlruns", "checkpoints", "models", "metrics", "plots"):
-        shutil.rmtree(path / name, ignore_errors=True)
-    return path
+    return reset_outputs(path)
 
 
 def training_ids(project: Path) -> list[str]:

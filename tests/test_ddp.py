@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from pipeline_helpers import DvcProject, Pipeline, repro, run, set_params
+from pipeline_helpers import DvcProject, Pipeline, repro, reset_outputs, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +24,7 @@ ONE_EPOCH = {
 
 def test_torchrun_two_processes_train_one_fold(tiny_pipeline: Pipeline, tmp_path: Path) -> None:
     project = tiny_pipeline.copy(tmp_path / "p")
-    for name in ("mlruns", "models", "metrics", "plots"):
-        shutil.rmtree(project / name, ignore_errors=True)
+    reset_outputs(project, ("models", "metrics", "plots"))
     set_params(project, ONE_EPOCH)
     proc = run(
         [

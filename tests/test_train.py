@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from pipeline_helpers import Pipeline, env, pin_threads, pneumoseg, set_params
+from pipeline_helpers import Pipeline, env, pin_threads, pneumoseg, reset_outputs, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +38,7 @@ FOUR_EPOCHS = {
 def data_dir(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline's processed data, with a four-epoch, two-part training."""
     project = tiny_pipeline.copy(tmp_path_factory.mktemp("train") / "base")
-    for name in ("mlruns", "checkpoints", "models", "metrics", "plots"):
-        shutil.rmtree(project / name, ignore_errors=True)
+    reset_outputs(project)
     set_params(project, FOUR_EPOCHS)
     return project
 

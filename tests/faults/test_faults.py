@@ -33,6 +33,7 @@ from pipeline_helpers import (
     Pipeline,
     env,
     pin_threads,
+    reset_outputs,
     set_params,
 )
 
@@ -418,7 +419,7 @@ def trained_once(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFacto
     them pin the thread count as this does)."""
     project = tiny_pipeline.copy(tmp_path_factory.mktemp("faults-train") / "p")
     set_params(project, TWO_PART_TRAINING)
-    shutil.rmtree(project / "mlruns")
+    reset_outputs(project, ())
     with pytest.MonkeyPatch.context() as mp:
         pin_threads(mp)
         assert pneumoseg(project, "-q", "train", "--fold", "0").returncode == 0
@@ -453,8 +454,7 @@ def test_a_signal_in_training_stops_it_and_the_rerun_resumes_exactly(
     trained_once: Path, tmp_path: Path, name: str, epochs: int, record: Record, pinned: None
 ) -> None:
     project = shutil.copytree(trained_once, tmp_path / "p", symlinks=True)
-    for out in ("models", "metrics", "plots", "mlruns"):
-        shutil.rmtree(project / out, ignore_errors=True)
+    reset_outputs(project, ("models", "metrics", "plots"))
     stopped = interrupt_training(project, epochs, name)
     code = 128 + signal.Signals[name]
     killed = fold_run_status(project)  # not RUNNING forever: KILLED until a rerun resumes it
@@ -518,8 +518,7 @@ def test_a_torn_resume_state_falls_back_one_generation(
     trained_once: Path, tmp_path: Path, record: Record, pinned: None
 ) -> None:
     project = shutil.copytree(trained_once, tmp_path / "p", symlinks=True)
-    for out in ("models", "metrics", "plots", "mlruns"):
-        shutil.rmtree(project / out, ignore_errors=True)
+    reset_outputs(project, ("models", "metrics", "plots"))
     assert interrupt_training(project, 3, "SIGKILL").returncode == -signal.SIGKILL
     last = project / "checkpoints/fold0/last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # torn

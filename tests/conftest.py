@@ -244,6 +244,11 @@ LONGEST_FIRST = (
     "test_pipeline.py",
     "test_ensemble_members.py",
     "test_experiments.py",
+    # make test-team: each shared project built on its own worker first, nobody waiting
+    "team/test_dvc_remote.py",  # 180: builds the DVC project
+    "team/test_optuna_postgres.py",  # 270: builds the tiny pipeline
+    "team/test_tracking_server.py",  # 230
+    "team/test_benches.py",  # 95
 )
 
 

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from pneumoseg.artifacts import image_path, mask_path, read_manifest
-from pneumoseg.files import staged_dir
+from pneumoseg.files import new_memmap, staged_dir
 from pneumoseg.progress import progress_bar
 
 IDS = "ids.txt"
@@ -82,9 +82,8 @@ def write_arrays(
         for size in sizes:
             (work / str(size)).mkdir()
             shape = (len(ids), size, size)
-            stores[size] = tuple(
-                np.lib.format.open_memmap(work / str(size) / f"{kind}.npy", "w+", np.uint8, shape)
-                for kind in ("images", "masks")
+            stores[size] = tuple(  # the space claimed now: a full disk is one line, no SIGBUS
+                new_memmap(work / str(size) / f"{kind}.npy", shape) for kind in ("images", "masks")
             )
         for row, image_id in enumerate(progress_bar(ids, desc="arrays", bars_allowed=progress)):
             image, mask = read_pair(processed, image_id, None)

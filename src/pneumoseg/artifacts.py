@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumoseg.files import atomic_file, write_text_atomic
+from pneumoseg.files import atomic_file, new_memmap, write_text_atomic
 
 MANIFEST = "manifest.csv"
 FAILURES = "failures.csv"
@@ -190,12 +189,7 @@ def open_oof_arrays(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = (n, size, size)
-    arrays = []
-    for name in names:
-        arrays.append(np.lib.format.open_memmap(out / name, "w+", dtype=np.uint8, shape=shape))
-        with (out / name).open("r+b") as fh:  # claim the space now: a full disk is an
-            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)  # error, no SIGBUS
-    return arrays
+    return [new_memmap(out / name, shape) for name in names]
 
 
 # Columns every learning_curves.csv has (blank where a run did not log them), so the plots of

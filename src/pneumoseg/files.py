@@ -4,6 +4,8 @@
   the disk (fsync) and renamed over the old one; on an error the old file stays as it was.
 - :func:`staged_dir`: a whole output folder, built beside the old one and swapped in at the end
   (two renames); a kill leaves the previous output complete, never half of each.
+- :func:`new_memmap`: a new ``.npy`` memory map whose disk space is claimed when it is made, so
+  a full disk is an error there instead of a SIGBUS on a later write into the map.
 
 A full disk (``ENOSPC``/``EDQUOT``) becomes :class:`DiskFullError`, one line naming the output
 and the way on (free some space and rerun; the previous output is untouched).
@@ -18,7 +20,10 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -133,3 +138,15 @@ def staged_dir(out_dir: Path | str, what: str = "building") -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
         raise
     replace_dir(work, out)
+
+
+def new_memmap(path: Path, shape: tuple[int, ...], dtype: str = "uint8") -> np.memmap:
+    """A new ``.npy`` file of ``shape`` opened as a writable memory map, its whole size claimed
+    on the disk at once (``posix_fallocate``): writes into a map on a full disk kill the process
+    with SIGBUS, while a claim that does not fit raises ``OSError(ENOSPC)`` here."""
+    import numpy as np
+
+    array = np.lib.format.open_memmap(path, "w+", dtype=np.dtype(dtype), shape=shape)
+    with Path(path).open("r+b") as fh:
+        os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+    return array

@@ -244,6 +244,29 @@ def test_a_full_disk_while_saving_checkpoints_stops_training_cleanly(
     assert held, full.stderr[-2000:]
 
 
+def test_a_full_disk_in_arrays_is_one_line_not_a_sigbus(
+    tiny_pipeline: Pipeline, tmp_path: Path, record: Record
+) -> None:
+    """arrays writes through memory maps: on a full disk a write into a map is a SIGBUS (exit
+    135, no message, the staging folder left), unless the space is claimed up front."""
+    project = tiny_pipeline.copy(tmp_path / "p")
+    clean = tree_digest(project / "data/arrays")
+    box = project / "box"  # arrays.out_dir inside a small disk: the arrays and their staging
+    box.mkdir()
+    shutil.move(str(project / "data/arrays"), str(box / "arrays"))
+    set_params(project, {"arrays": {"out_dir": "box/arrays", "sizes": [64, 96]}})
+    used = sum(p.stat().st_size for p in (box / "arrays").rglob("*"))
+    with small_disk(box, used + used // 2, tmp_path / "box.real") as real:
+        shutil.copytree(real, box, dirs_exist_ok=True)
+        full = pneumoseg(project, "-q", "arrays")  # needs twice the space: 64 and 96 px
+        kept = tree_digest(box / "arrays") == clean
+        staging = sorted(p.name for p in box.iterdir() if p.name.startswith("."))
+    held = stopped_by_full_disk(full) and kept and not staging
+    record("disk full", "arrays", "one line (no SIGBUS), previous arrays intact, no staging "
+           "folder left", held)  # fmt: skip
+    assert held, (full.returncode, staging, full.stderr[-2000:])
+
+
 def test_a_full_disk_in_oof_keeps_the_previous_maps(
     tiny_pipeline: Pipeline, tmp_path: Path, record: Record
 ) -> None:

@@ -24,7 +24,6 @@ from faults.test_tracking_outage import complete, train_with_outage
 from pipeline_helpers import (
     BIN,
     TWO_PART_TRAINING,
-    DvcProject,
     Pipeline,
     env,
     git_commit,
@@ -32,6 +31,7 @@ from pipeline_helpers import (
     make_project,
     set_params,
 )
+from test_experiments import experiments
 from test_results import check_row, shown_results, ui_rows
 
 from .conftest import SECRET
@@ -102,19 +102,31 @@ def test_dvc_repro_tracks_and_registers_through_the_server(
     for secret in (PG_PASSWORD, SECRET):
         assert not [k for k, data in stored.items() if secret.encode() in data]
 
-    # one row per pipeline result on the server: the repro and a threshold-only experiment
+    # one row per pipeline result on the server: the repro and two threshold-only experiments,
+    # queued and run at once (`dvc queue start -j 2`), each stage run tagged with its experiment
     git_commit(project, "dvc repro")
-    through(tracking_server, str(BIN / "dvc"), "exp", "run", "-n", "server-thresholds",
-            "-S", "thresholds.seed=3", cwd=project)  # fmt: skip
+    dvc = str(BIN / "dvc")
+    names = ("server-1", "server-2")
+    for seed, name in zip((3, 4), names, strict=True):
+        through(tracking_server, dvc, "exp", "run", "--queue", "-S", f"thresholds.seed={seed}",
+                "-n", name, cwd=project)  # fmt: skip
+    run_queue(tracking_server, project)
     rows = ui_rows(client)
-    assert len(rows) == 2
+    assert len(rows) == 3
     shown = shown_results(project)
     by_name = {r.data.tags.get("dvc_exp_name", "baseline"): r for r in rows}
     for name, row in by_name.items():
         check_row(client, row, shown[name])
-    only = by_name["server-thresholds"]
-    assert only.data.tags["run.train-fold0"] == by_name["baseline"].data.tags["run.train-fold0"]
-    assert only.data.params["thresholds.seed"] == "3"
+    files = experiments(project)
+    for seed, name in zip((3, 4), names, strict=True):
+        only = by_name[name]
+        assert only.data.tags["run.train-fold0"] == by_name["baseline"].data.tags["run.train-fold0"]
+        assert only.data.params["thresholds.seed"] == str(seed)
+        for path, key in (("metrics/thresholds.json", "mlflow_run_id"),
+                          ("metrics/evaluate.json", "mlflow_run_id"),
+                          ("metrics/registered.json", "run_id")):  # fmt: skip
+            run = client.get_run(files[name][path][key])  # on the server (raises if not)
+            assert run.data.tags["dvc_exp_name"] == name
 
     pneumoseg = [sys.executable, "-m", "pneumoseg"]
     through(tracking_server, *pneumoseg, "models", "promote", "1", cwd=project)
@@ -183,35 +195,17 @@ def test_the_server_dies_mid_training_and_comes_back(
         servers[-1].__exit__(None, None, None)
 
 
-def test_two_queued_experiments_at_once_record_through_the_server(
-    tracking_server: str, dvc_project: DvcProject, tmp_path: Path
-) -> None:
-    """`dvc queue start -j 2` with MLFLOW_TRACKING_URI set: both experiments' threshold,
-    evaluation and register runs are on the server, tagged with their experiment."""
-    from mlflow.tracking import MlflowClient
-    from test_experiments import experiments
-
-    project = dvc_project.copy(tmp_path / "p")
+def run_queue(server: str, project: Path) -> None:
+    """`dvc queue start -j 2` through the server, until every queued experiment succeeded."""
     dvc = str(BIN / "dvc")
-    for seed in (1, 2):
-        through(tracking_server, dvc, "exp", "run", "--queue", "-S", f"thresholds.seed={seed}",
-                "-n", f"server-{seed}", cwd=project)  # fmt: skip
     try:
-        through(tracking_server, dvc, "queue", "start", "-j", "2", cwd=project)
+        through(server, dvc, "queue", "start", "-j", "2", cwd=project)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            status = through(tracking_server, dvc, "queue", "status", cwd=project).stdout
+            status = through(server, dvc, "queue", "status", cwd=project).stdout
             if "Running" not in status and "Queued" not in status:
                 break
             time.sleep(3)
         assert status.count("Success") == 2, status
     finally:
         subprocess.run([dvc, "queue", "stop", "--kill"], cwd=project, capture_output=True)
-    client = MlflowClient(tracking_uri=tracking_server, registry_uri=tracking_server)
-    shown = experiments(project)
-    for name in ("server-1", "server-2"):
-        for path, key in (("metrics/thresholds.json", "mlflow_run_id"),
-                          ("metrics/evaluate.json", "mlflow_run_id"),
-                          ("metrics/registered.json", "run_id")):  # fmt: skip
-            run = client.get_run(shown[name][path][key])  # on the server (raises if not)
-            assert run.data.tags["dvc_exp_name"] == name

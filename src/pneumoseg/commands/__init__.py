@@ -1,2 +1,2 @@
-"""The commands that are not DVC stages: ``predict``, ``score``, ``models``, ``upload`` and
-``study``; each module's ``run`` is the CLI entry."""
+"""The commands that are not DVC stages: ``predict``, ``score``, ``models``, ``upload``,
+``study``, ``serve`` and ``adversarial``; each module's ``run`` is the CLI entry."""

@@ -99,14 +99,25 @@ def write_arrays(
     return {**info, "images": len(ids), "bytes": total}
 
 
-def save_rows(folder: Path, ids: list[str], images: np.ndarray, masks: np.ndarray) -> None:
+def save_rows(
+    folder: Path, ids: list[str], images: np.ndarray, masks: np.ndarray, chunk: int = 256
+) -> None:
     """Write (N, S, S) uint8 ``images`` and 0/1 ``masks`` of ``ids`` into ``folder`` in the
-    layout above, at their one size S (what :class:`ArrayRows` reads; e.g. pseudo-labels)."""
+    layout above, at their one size S (what :class:`ArrayRows` reads; e.g. pseudo-labels).
+    They may be memory maps larger than memory: ``chunk`` rows are copied at a time."""
     side = int(images.shape[-1]) if len(ids) else 0
     (folder / str(side)).mkdir(parents=True, exist_ok=True)
     (folder / IDS).write_text("".join(f"{i}\n" for i in ids))
-    np.save(folder / str(side) / "images.npy", images.astype(np.uint8, copy=False))
-    np.save(folder / str(side) / "masks.npy", masks.astype(np.uint8, copy=False))
+    for name, rows in (("images.npy", images), ("masks.npy", masks)):
+        path = folder / str(side) / name
+        if not len(ids):
+            np.save(path, np.asarray(rows, dtype=np.uint8))
+            continue
+        target = new_memmap(path, (len(ids), side, side))
+        for start in range(0, len(ids), chunk):
+            target[start : start + chunk] = rows[start : start + chunk]
+        target.flush()
+        del target
     (folder / INFO).write_text(json.dumps({"processed_size": side, "sizes": [side]}) + "\n")
 
 

@@ -45,8 +45,8 @@ def label_fold(params: Params, fold: int, progress: bool) -> dict[str, Any]:
         scratch = [work / f".kept-{kind}.npy" for kind in ("images", "masks")]
         kept = [new_memmap(path, (max(len(test), 1), size, size)) for path in scratch]
         rows = label_rows(ensemble, processed, test, cfg, kept, fold, progress)
-        n_kept = sum(label != LEFT_OUT for _, label, _ in rows)
         count = {label: sum(r[1] == label for r in rows) for label in (POSITIVE, EMPTY, LEFT_OUT)}
+        n_kept = len(rows) - count[LEFT_OUT]
         summary = {
             "fold": fold,
             "labelled_by": [str(f) for f in files],

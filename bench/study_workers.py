@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,17 +80,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--size", type=int, help="training size (default: the tiny params')")
     parser.add_argument("--thrash", action="store_true", help="also two default-thread workers")
+    parser.add_argument(
+        "--project",
+        type=Path,
+        help="a project whose data stages ran (a copy is used; default: a new tiny project)",
+    )
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     configs: dict[str, list[int | None]] = {"1 worker": [None], "2 workers, the rule": [None] * 2}
     if args.thrash:
         configs["2 workers, every core each"] = [cores, cores]
     tmp = Path(tempfile.mkdtemp(prefix="pneumoseg-bench-studies-"))
-    project = make_project(tmp / "p")
+    if args.project:
+        project = Path(shutil.copytree(args.project, tmp / "p", symlinks=True))
+    else:
+        project = make_project(tmp / "p")
     definition = study(args.epochs, args.trials, args.size)
     names = {label: f"bench{i}" for i, label in enumerate(configs)}
     set_params(project, {"studies": {name: definition for name in names.values()}})
-    run([str(BIN / "dvc"), "repro", "split", "arrays"], cwd=project)  # what trials read
+    if not args.project:
+        run([str(BIN / "dvc"), "repro", "split", "arrays"], cwd=project)  # what trials read
     with running_postgres() as pg:
         storage = pg.create_database("studies", "optuna", "bench-pw")
         import optuna

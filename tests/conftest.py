@@ -244,10 +244,11 @@ LONGEST_FIRST = (
     "test_pipeline.py",
     "test_ensemble_members.py",
     "test_experiments.py",
-    # make test-team: each shared project built on its own worker first, nobody waiting
-    "team/test_dvc_remote.py",  # 180: builds the DVC project
-    "team/test_optuna_postgres.py",  # 270: builds the tiny pipeline
-    "team/test_tracking_server.py",  # 230
+    # make test-team: one shared project (the DVC project, built by the first file's worker)
+    # while the other worker reproduces its own pipeline through the tracking server
+    "team/test_dvc_remote.py",  # 165: builds the DVC project
+    "team/test_tracking_server.py",  # 230: its own `dvc repro` first
+    "team/test_optuna_postgres.py",  # 135
     "team/test_benches.py",  # 95
 )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from oof_maps import deployed_maps, oof_rows
-from pipeline_helpers import Pipeline, pneumoseg, set_params
+from pipeline_helpers import Pipeline, in_process, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def project(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -
     """The shared tiny pipeline's OOF maps, thresholds searched per view position."""
     path = tiny_pipeline.copy(tmp_path_factory.mktemp("grouped") / "p")
     set_params(path, GROUPED)
-    pneumoseg("-q", "thresholds", cwd=path)
+    in_process("-q", "thresholds", cwd=path)
     return path
 
 
@@ -91,8 +91,8 @@ def test_evaluate_and_submit_apply_each_groups_triplet(project: Path) -> None:
         "PA": asdict(Triplet(top_threshold=0.0, min_area=0, bottom_threshold=0.0)),
     }
     post_path.write_text(json.dumps(post))
-    pneumoseg("-q", "evaluate", cwd=project)
-    pneumoseg("-q", "submit", cwd=project)
+    in_process("-q", "evaluate", cwd=project)
+    in_process("-q", "submit", cwd=project)
 
     ev = json.loads((project / "metrics/evaluate.json").read_text())
     assert ev["group_by"] == "view_position"

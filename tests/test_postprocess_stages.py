@@ -225,7 +225,7 @@ def test_killed_threshold_study_continues(trained: Path, tmp_path: Path) -> None
     (summary,) = optuna.get_all_study_summaries(storage=open_storage(str(journal)))
     done_before = summary.n_trials
     assert done_before >= 20
-    pneumoseg("-q", "thresholds", "--trials", str(done_before + 15), cwd=project)
+    cli("-q", "thresholds", "--trials", str(done_before + 15), cwd=project)
     post = json.loads((project / "models/postprocess.json").read_text())
     assert post["study_name"] == summary.study_name  # the same study, continued
     study = optuna.load_study(study_name=summary.study_name, storage=open_storage(str(journal)))

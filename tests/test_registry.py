@@ -24,10 +24,7 @@ from pipeline_helpers import (
     BIN,
     DvcProject,
     cli,
-    git_commit,
     http_server,
-    repro,
-    run,
 )
 
 pytestmark = pytest.mark.slow
@@ -84,9 +81,6 @@ def _local_tracking() -> Iterator[None]:
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
         mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         yield
-
-
-GIT = ("git", "-c", "advice.detachedHead=false")
 
 
 @pytest.fixture(scope="module")
@@ -424,37 +418,6 @@ def test_served_champion_answers_like_predict(
         with pytest.raises(urllib.error.HTTPError) as err:
             _request(f"{base}/invocations", bad)
         assert err.value.code == 400 and "x: not a DICOM file" in err.value.read().decode()
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
-def test_dvc_git_tags_restore_models_byte_for_byte(project: Path) -> None:
-    """Runs last (adds version 3). After two trainings committed with git tags,
-    `git checkout <tag> -- dvc.lock params.yaml && dvc checkout` restores the earlier models/."""
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["register"]
-    assert [o["path"] for o in lock["outs"]] == ["metrics/registered.json"]  # -> registry entry
-    sha1 = git_commit(project, "first training", tag="v1")
-    models_v1 = _tree(project / "models")
-    record_v1 = (project / "metrics/registered.json").read_bytes()
-    assert json.loads(record_v1)["version"] == "1"
-
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["seed"] = 7  # a second training
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert {"train@0", "train@1", "register"} <= repro(project, "register")
-    third = json.loads((project / "metrics/registered.json").read_text())
-    assert third["version"] == "3" and third["git_commit"] == sha1
-    git_commit(project, "second training", tag="v2")
-    assert _tree(project / "models") != models_v1
-    _, table, _ = cli("models", "list", cwd=project)
-    assert table.splitlines()[1].split()[:2] == ["3", "challenger"]
-
-    run([*GIT, "checkout", "v1", "--", "dvc.lock", "params.yaml", "metrics"], cwd=project)
-    run([str(BIN / "dvc"), "checkout"], cwd=project)
-    assert _tree(project / "models") == models_v1  # byte for byte
-    assert (project / "metrics/registered.json").read_bytes() == record_v1  # -> version 1
 
 
 def test_register_refuses_a_fold_without_its_training_run_until_upload(

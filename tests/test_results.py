@@ -6,18 +6,19 @@ rows, each with every declared param (the reused training's params on the thresh
 read from dvc.lock), the same numbers as `dvc exp show`, and links that resolve to existing
 runs and the registered model version; every stage run is in the repo's store (not in the
 experiments' temporary copies under .dvc/tmp/exps, the same kind of copy ``dvc exp run
---temp`` makes), tagged with its experiment.
+--temp`` makes), tagged with its experiment. Then the retrained experiment is applied and
+tagged, and the baseline's git tag restores the baseline's models byte for byte.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pipeline_helpers import DvcProject, dvc
+import yaml
+from pipeline_helpers import DvcProject, dvc, git_commit, run, run_queue
 from test_experiments import experiments, run_ids
 
 pytestmark = pytest.mark.slow
@@ -91,7 +92,7 @@ def test_one_row_per_pipeline_result(dvc_project: DvcProject, tmp_path: Path) ->
     # temporary copy under .dvc/tmp/exps): one retrains, one changes only threshold keys
     dvc("exp", "run", "--queue", "-n", "retrained", "-S", "train.seed=7", cwd=project)
     dvc("exp", "run", "--queue", "-n", "thresholds-only", "-S", "thresholds.seed=5", cwd=project)
-    run_queue(project, expected=2)
+    run_queue(project, ("retrained", "thresholds-only"))
 
     store = f"sqlite:///{project}/mlruns/mlflow.db"
     client = MlflowClient(tracking_uri=store, registry_uri=store)
@@ -151,18 +152,29 @@ def test_one_row_per_pipeline_result(dvc_project: DvcProject, tmp_path: Path) ->
         version = client.get_model_version(registered["name"], registered["version"])
         assert version.tags["dvc_exp_name"] == name
     assert not list((project / ".dvc/tmp/exps").rglob("mlflow.db"))  # no store in a copy
+    restore_by_git_tag(project)
 
 
-def run_queue(project: Path, expected: int) -> None:
-    """``dvc queue start -j 2`` and wait until the queue is done: ``expected`` successes."""
-    try:
-        dvc("queue", "start", "-j", "2", cwd=project)
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            status = dvc("queue", "status", cwd=project).stdout
-            if "Running" not in status and "Queued" not in status:
-                break
-            time.sleep(3)
-        assert status.count("Success") == expected, status
-    finally:
-        dvc("queue", "stop", "--kill", cwd=project, check=False)
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def restore_by_git_tag(project: Path) -> None:
+    """The retrained experiment applied and committed with a git tag; then
+    `git checkout base -- dvc.lock params.yaml metrics && dvc checkout` restores the baseline's
+    models/ byte for byte, and its registry entry (metrics/registered.json: version 1)."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["register"]
+    assert [o["path"] for o in lock["outs"]] == ["metrics/registered.json"]  # -> registry entry
+    models_base = tree(project / "models")
+    record_base = (project / "metrics/registered.json").read_bytes()
+    assert json.loads(record_base)["version"] == "1"
+    dvc("exp", "apply", "retrained", cwd=project)
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["seed"] == 7
+    assert json.loads((project / "metrics/registered.json").read_text())["version"] != "1"
+    assert tree(project / "models") != models_base
+    git_commit(project, "the retrained experiment", tag="retrained")
+    git = ("git", "-c", "advice.detachedHead=false")
+    run([*git, "checkout", "base", "--", "dvc.lock", "params.yaml", "metrics"], cwd=project)
+    dvc("checkout", cwd=project)
+    assert tree(project / "models") == models_base  # byte for byte
+    assert (project / "metrics/registered.json").read_bytes() == record_base  # -> version 1

@@ -53,12 +53,12 @@ def test_a_storage_password_reaches_no_output_log_or_mlflow(
         printed.extend([proc.stdout, proc.stderr])
         assert (proc.returncode == 0) == ok, proc.stderr[-2000:]
 
-    set_params(project, {"thresholds": {"storage": url, "trials": 25}})  # from params.yaml
+    set_params(project, {"thresholds": {"storage": url, "trials": 3}})  # from params.yaml
     check(pneumoseg(project, "thresholds"))
-    check(pneumoseg(project, "thresholds", "--trials", "30", "--storage", url))  # a flag
+    check(pneumoseg(project, "thresholds", "--trials", "5", "--storage", url))  # a flag
     # from the environment: a password with "@", "/", ":" and "%" in it, and --debug (every
     # traceback printed, redacted)
-    set_params(project, {"thresholds": {"storage": None, "trials": 35}})
+    set_params(project, {"thresholds": {"storage": None, "trials": 3}})
     odd = {"PNEUMOSEG_OPTUNA_STORAGE": odd_url, "PNEUMOSEG_DEBUG": "1"}
     for stage in ("thresholds", "evaluate", "register", "result"):
         check(pneumoseg(project, stage, extra_env=odd))

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from pipeline_helpers import ROOT, Pipeline, env, pneumoseg, run, set_params
+from pipeline_helpers import ROOT, Pipeline, env, in_process, pneumoseg, run, set_params
 
 from pneumoseg.params import ParamsError, load_params
 from pneumoseg.studies.config import make_sampler, mlflow_key, parse_duration
@@ -159,7 +159,7 @@ def base(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> P
 def studied(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The base project after `pneumoseg study run tiny` (its 2 trials)."""
     project = shutil.copytree(base, tmp_path_factory.mktemp("studied") / "p")
-    pneumoseg("-q", "study", "run", "tiny", cwd=project)
+    in_process("-q", "study", "run", "tiny", cwd=project)
     return project
 
 
@@ -213,7 +213,7 @@ def test_study_prunes_continues_tracks_shows_and_applies(studied: Path, tmp_path
     # A deliberately bad trial (lr 10 diverges at once: a NaN loss in its first epoch) is
     # pruned there, before it reports anything, and the worker goes on.
     study.enqueue_trial({LR: 10.0, BCE: 1.0})
-    pneumoseg("-q", "study", "run", "tiny", "--trials", "3", cwd=project)
+    in_process("-q", "study", "run", "tiny", "--trials", "3", cwd=project)
     study = load(project, "tiny")
     states = [t.state for t in study.trials]
     assert states[:2] == [optuna.trial.TrialState.COMPLETE] * 2
@@ -221,7 +221,7 @@ def test_study_prunes_continues_tracks_shows_and_applies(studied: Path, tmp_path
     assert study.trials[2].params[LR] == 10.0
     assert study.trials[2].intermediate_values == {}  # stopped in epoch 1 of 2
     # The study is complete: running again starts no trial.
-    pneumoseg("-q", "study", "run", "tiny", "--trials", "3", cwd=project)
+    in_process("-q", "study", "run", "tiny", "--trials", "3", cwd=project)
     assert len(load(project, "tiny").trials) == 3
 
     # MLflow: one parent run with the study plots, one nested run per trial, fold runs below.
@@ -260,18 +260,18 @@ def test_study_prunes_continues_tracks_shows_and_applies(studied: Path, tmp_path
     assert not (project / "optuna/trials/tiny/trial-0").exists()  # trial files cleaned up
 
     # show --json for scripts
-    out = pneumoseg("study", "show", "tiny", "--json", cwd=project).stdout
+    out = in_process("study", "show", "tiny", "--json", cwd=project).stdout
     shown = json.loads(out)
     assert shown["study"] == "tiny"
     assert [t["state"] for t in shown["trials"]] == ["COMPLETE", "COMPLETE", "PRUNED"]
     best = min(study.trials[:2], key=lambda t: t.value)
     assert shown["best"] == {"number": best.number, "value": best.value, "params": best.params}
-    table = pneumoseg("study", "show", "tiny", cwd=project).stdout
+    table = in_process("study", "show", "tiny", cwd=project).stdout
     assert f"best: trial {best.number}" in table and "PRUNED" in table
 
     # apply: exactly the searched keys of params.yaml change, in place
     before_text = (project / "params.yaml").read_text()
-    pneumoseg("study", "apply", "tiny", cwd=project)
+    in_process("study", "apply", "tiny", cwd=project)
     after_text = (project / "params.yaml").read_text()
     before, after = yaml.safe_load(before_text), yaml.safe_load(after_text)
     assert after["train"]["parts"][0]["lr"] == best.params[LR]
@@ -399,7 +399,7 @@ def test_killed_worker_trial_is_failed_and_retried(base: Path, tmp_path: Path) -
     assert [t.state.name for t in study.trials] == ["RUNNING"]
     killed_params = study.trials[0].params
 
-    pneumoseg("-q", "study", "run", "slow", "--trials", "1", cwd=project)
+    in_process("-q", "study", "run", "slow", "--trials", "1", cwd=project)
     study = load(project, "slow")
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
     assert study.trials[1].user_attrs["retry_of"] == 0
@@ -420,7 +420,7 @@ def test_seeded_study_gives_the_same_trials_again(
     """Same seed, same trials, here through an RDB storage (sqlite, with Optuna's heartbeat)."""
     project = shutil.copytree(base, tmp_path / "again")
     url = f"sqlite:///{project}/optuna/studies.db"
-    pneumoseg("-q", "study", "run", "tiny", "--storage", url, cwd=project)
+    in_process("-q", "study", "run", "tiny", "--storage", url, cwd=project)
     again = [(t.params, t.value) for t in load(project, "tiny", url).trials]
     first = [(t.params, t.value) for t in load(studied, "tiny").trials][:2]
     assert again == first
@@ -433,10 +433,10 @@ def test_changed_space_needs_a_new_study_name(studied: Path, tmp_path: Path) -> 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["studies"]["tiny"]["space"][BCE]["high"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    proc = pneumoseg("-q", "study", "run", "tiny", cwd=project, check=False)
+    proc = in_process("-q", "study", "run", "tiny", cwd=project, check=False)
     assert proc.returncode == 1
     assert "study tiny: the stored study was run with another space" in proc.stderr
-    proc = pneumoseg("study", "show", "nope", cwd=project, check=False)
+    proc = in_process("study", "show", "nope", cwd=project, check=False)
     assert (
         "studies.nope: no such study (defined: freebies, loss-and-sampling, slow, tiny)"
         in proc.stderr

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from pipeline_helpers import Pipeline, env, pin_threads, pneumoseg, reset_outputs, set_params
+from pipeline_helpers import Pipeline, env, in_process, pin_threads, reset_outputs, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_train_records_everything_and_parts_hand_over(
 ) -> None:
     project = clone(data_dir, tmp_path / "p")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # samples in a short run
-    pneumoseg("-q", "train", "--fold", "0", cwd=project)
+    in_process("-q", "train", "--fold", "0", cwd=project)
     result = json.loads((project / "metrics/fold0.json").read_text())
     history = (project / "plots/fold0/history.csv").read_text().splitlines()
     header = history[0].split(",")
@@ -162,7 +162,7 @@ def test_overlays_off_keeps_radiographs_out_of_plots_and_mlflow(
 
     project = clone(data_dir, tmp_path / "p")
     set_params(project, {"train": {"overlays": False}})
-    pneumoseg("-q", "train", "--fold", "0", cwd=project)
+    in_process("-q", "train", "--fold", "0", cwd=project)
     notice = cv2.imread(str(project / "plots/fold0/val_overlays.png"), cv2.IMREAD_UNCHANGED)
     assert notice.ndim == 2 and notice.shape == (60, 520)  # text on white, no radiograph
     assert (notice == 255).mean() > 0.9
@@ -200,7 +200,7 @@ def test_tricks_train_together_and_do_what_they_claim(data_dir: Path, tmp_path: 
     the EMA as the final weights."""
     project = clone(data_dir, tmp_path / "tricks")
     set_params(project, TRICKS)
-    pneumoseg("-q", "train", "--fold", "0", cwd=project)
+    in_process("-q", "train", "--fold", "0", cwd=project)
     folder = project / "models/folds/fold0"
     result = json.loads((project / "metrics/fold0.json").read_text())
     assert result["final_weights"] == "ema"
@@ -300,7 +300,7 @@ def test_observed_heldout_curves_change_nothing_the_training_decides(
         params["ensemble"]["members"] = {}  # the tiny member has no classifier loss
         params["pseudo_label"]["folds"] = []
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        pneumoseg("-q", "train", "--fold", "0", cwd=project)
+        in_process("-q", "train", "--fold", "0", cwd=project)
         runs[every] = project
     looked, blind = runs[1], runs[0]
     ref = state_dict(blind / "models/folds/fold0/model.pt")
@@ -338,7 +338,7 @@ def test_kill_mid_part_and_in_swa_then_resume_gives_identical_weights(
     pin_threads(monkeypatch)  # bit-for-bit weights: one thread count
     reference = clone(data_dir, tmp_path / "ref")
     set_params(reference, MID_PART)
-    pneumoseg("-q", "train", "--fold", "1", cwd=reference)
+    in_process("-q", "train", "--fold", "1", cwd=reference)
 
     project = clone(data_dir, tmp_path / "killed")
     set_params(project, MID_PART)
@@ -348,7 +348,7 @@ def test_kill_mid_part_and_in_swa_then_resume_gives_identical_weights(
     assert (second["part"], second["epoch_in_part"]) == (1, 2), second["history"][-1:]
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert not (project / "models/folds/fold1/model.pt").exists()
-    pneumoseg("-q", "train", "--fold", "1", cwd=project)
+    in_process("-q", "train", "--fold", "1", cwd=project)
 
     ref = state_dict(reference / "models/folds/fold1/model.pt")
     got = state_dict(project / "models/folds/fold1/model.pt")
@@ -447,7 +447,7 @@ def test_tracking_failure_does_not_stop_training(data_dir: Path, tmp_path: Path)
     assert "pneumoseg upload --fold K" in proc.stderr
 
     # Once the store is back, the local record becomes an MLflow run, without retraining.
-    pneumoseg("-q", "upload", "--fold", "0", cwd=project)
+    in_process("-q", "upload", "--fold", "0", cwd=project)
     result = json.loads((project / "metrics/fold0.json").read_text())
     runs = mlflow_runs(project)
     assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]]
@@ -461,7 +461,7 @@ def test_tracking_failure_does_not_stop_training(data_dir: Path, tmp_path: Path)
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/model.pt" in arts
     # a second upload does nothing
-    pneumoseg("-q", "upload", "--fold", "0", cwd=project)
+    in_process("-q", "upload", "--fold", "0", cwd=project)
     assert len(mlflow_runs(project)) == 1
 
 
@@ -470,7 +470,7 @@ def test_bad_monitor_and_bad_weights_fail_clearly(data_dir: Path, tmp_path: Path
     params = project / "params.yaml"
     text = params.read_text()
     params.write_text(text.replace("encoder_weights: null", "encoder_weights: /no/such.pth"))
-    proc = pneumoseg("train", "--fold", "0", cwd=project, check=False)
+    proc = in_process("train", "--fold", "0", cwd=project, check=False)
     assert proc.returncode == 1
     assert "model.encoder_weights" in proc.stderr and "/no/such.pth" in proc.stderr
 
@@ -484,7 +484,7 @@ def test_a_diverged_training_stops_with_one_line_and_a_failed_run(
     project = clone(data_dir, tmp_path / "p")
     parts = [p | {"lr": 1.0e9} for p in FOUR_EPOCHS["train"]["parts"]]
     set_params(project, {"train": {"parts": parts}})
-    proc = pneumoseg("-q", "train", "--fold", "0", cwd=project, check=False)
+    proc = in_process("-q", "train", "--fold", "0", cwd=project, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("pneumoseg train: error:")]
     assert "train fold 0 epoch 1:" in line and "is nan" in line and "train.parts[0].lr" in line
@@ -561,7 +561,7 @@ def test_the_shipped_training_section_averages_its_last_epochs(
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"] = params["train"] | train
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    pneumoseg("-q", "train", "--fold", "0", cwd=project)
+    in_process("-q", "train", "--fold", "0", cwd=project)
     folder = project / "models/folds/fold0"
     last = sorted(json.loads((folder / "checkpoints.json").read_text()), key=lambda c: c["epoch"])
     last = [c for c in last if c["part"] == 1]

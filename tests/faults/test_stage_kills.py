@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import Pipeline, deep_update, env, pin_threads, set_params
+from pipeline_helpers import Pipeline, deep_update, env, in_process, pin_threads, set_params
 
 from .test_faults import (
     SEEDS,
@@ -156,7 +156,7 @@ def test_kill_9_mid_work_then_rerun(
             break
         prepare(project, stage)
     killed = proc.returncode == -9
-    rerun = pneumoseg(project, "-q", *command(project, stage))
+    rerun = in_process("-q", *command(project, stage), cwd=project, check=False)
     left_running = [r.info.run_id for r in stage_runs(project, stage) if r.info.status == "RUNNING"]
     leftovers = [p.name for p in project.glob(".*.*") if p.is_dir()]  # staged folders
     versions = [] if stage != "register" else client(project).search_model_versions()
@@ -234,7 +234,7 @@ def test_a_full_disk_while_saving_checkpoints_stops_training_cleanly(
         shutil.copytree(real, state, dirs_exist_ok=True)
         full = pneumoseg(project, "-q", "train", "--fold", "0")
         kept = [p.name for p in state.glob("*.pt")]
-    rerun = pneumoseg(project, "-q", "train", "--fold", "0")
+    rerun = in_process("-q", "train", "--fold", "0", cwd=project, check=False)
     held = (
         stopped_by_full_disk(full)
         and "last.pt" in kept
@@ -283,7 +283,7 @@ def test_a_full_disk_in_oof_keeps_the_previous_maps(
         shutil.copytree(real, box, dirs_exist_ok=True)
         full = pneumoseg(project, "-q", "oof")
         kept = tree_digest(box / "oof") == clean
-    rerun = pneumoseg(project, "-q", "oof")
+    rerun = in_process("-q", "oof", cwd=project, check=False)
     held = (
         stopped_by_full_disk(full)
         and kept

@@ -17,6 +17,8 @@ def test_the_team_bench_runs(dvc_project: DvcProject, tmp_path: Path) -> None:
     assert "dvc push" in out, out[-2000:]
 
 
-def test_the_study_workers_bench_runs() -> None:
-    out = bench("study_workers.py", "--trials", "1", "--epochs", "1")
+def test_the_study_workers_bench_runs(dvc_project: DvcProject) -> None:
+    out = bench(
+        "study_workers.py", "--trials", "1", "--epochs", "1", "--project", str(dvc_project.path)
+    )
     assert "2 workers, the rule" in out and RATIO.search(out), out[-2000:]

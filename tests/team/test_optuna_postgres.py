@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from engines import Postgres
-from pipeline_helpers import Pipeline, env, set_params
+from pipeline_helpers import DvcProject, env, set_params
 from test_study import SLOW_STUDY, TINY_STUDY, kill_during_first_trial, load, worker
 
 PASSWORD = "optuna-canary-Pw-41d8"
@@ -27,8 +27,8 @@ def storage(postgres: Postgres) -> str:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = tiny_pipeline.copy(tmp_path_factory.mktemp("pg-study") / "base")
+def base(dvc_project: DvcProject, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = dvc_project.copy(tmp_path_factory.mktemp("pg-study") / "base")
     studies = {"tiny": TINY_STUDY, "slow": SLOW_STUDY, "restart": SLOW_STUDY}
     set_params(project, {"studies": studies})
     return project
@@ -91,7 +91,7 @@ def test_a_server_restart_mid_study_is_waited_out(
 
 
 def test_the_threshold_study_on_postgres_selects_what_the_journal_does(
-    tiny_pipeline: Pipeline, storage: str, tmp_path: Path
+    dvc_project: DvcProject, storage: str, tmp_path: Path
 ) -> None:
     """The same seeded search on the journal file and on PostgreSQL: the same trials, the same
     deployed triplet and scores; the PostgreSQL study holds every trial."""
@@ -99,7 +99,7 @@ def test_the_threshold_study_on_postgres_selects_what_the_journal_does(
 
     from pneumoseg.studies.storage import open_storage
 
-    project = tiny_pipeline.copy(tmp_path / "p")
+    project = dvc_project.copy(tmp_path / "p")
     set_params(project, {"thresholds": {"trials": 20}})
     chosen = {}
     for where, extra in (("journal", []), ("postgres", ["--storage", storage])):

@@ -24,11 +24,12 @@ from faults.test_tracking_outage import complete, train_with_outage
 from pipeline_helpers import (
     BIN,
     TWO_PART_TRAINING,
-    Pipeline,
+    DvcProject,
     env,
     git_commit,
     http_server,
     make_project,
+    run_queue,
     set_params,
 )
 from test_experiments import experiments
@@ -110,7 +111,9 @@ def test_dvc_repro_tracks_and_registers_through_the_server(
     for seed, name in zip((3, 4), names, strict=True):
         through(tracking_server, dvc, "exp", "run", "--queue", "-S", f"thresholds.seed={seed}",
                 "-n", name, cwd=project)  # fmt: skip
-    run_queue(tracking_server, project)
+    printed = run_queue(project, names, {"MLFLOW_TRACKING_URI": tracking_server})
+    assert "Running stage 'thresholds'" in printed  # the experiments' logs were read
+    assert PG_PASSWORD not in printed and SECRET not in printed
     rows = ui_rows(client)
     assert len(rows) == 3
     shown = shown_results(project)
@@ -139,13 +142,13 @@ def test_dvc_repro_tracks_and_registers_through_the_server(
 
 
 def test_the_server_dies_mid_training_and_comes_back(
-    postgres: Postgres, s3: S3, tracking_server: str, tiny_pipeline: Pipeline, tmp_path: Path
+    postgres: Postgres, s3: S3, tracking_server: str, dvc_project: DvcProject, tmp_path: Path
 ) -> None:
     """kill -9 of the server after epoch 1, a new server process on the same port, database
     and bucket after epoch 2: training completes and its run is complete (through the
     tracker's reconnect and backfill, or `pneumoseg upload` when the server was back too late
     for the final record)."""
-    project = tiny_pipeline.copy(tmp_path / "p")
+    project = dvc_project.copy(tmp_path / "p")
     for name in ("mlruns", "checkpoints", "models", "metrics", "plots"):
         shutil.rmtree(project / name, ignore_errors=True)
     set_params(project, TWO_PART_TRAINING)
@@ -193,19 +196,3 @@ def test_the_server_dies_mid_training_and_comes_back(
         stop.set()
         watcher.join(timeout=30)
         servers[-1].__exit__(None, None, None)
-
-
-def run_queue(server: str, project: Path) -> None:
-    """`dvc queue start -j 2` through the server, until every queued experiment succeeded."""
-    dvc = str(BIN / "dvc")
-    try:
-        through(server, dvc, "queue", "start", "-j", "2", cwd=project)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            status = through(server, dvc, "queue", "status", cwd=project).stdout
-            if "Running" not in status and "Queued" not in status:
-                break
-            time.sleep(3)
-        assert status.count("Success") == 2, status
-    finally:
-        subprocess.run([dvc, "queue", "stop", "--kill"], cwd=project, capture_output=True)

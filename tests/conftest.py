@@ -246,10 +246,9 @@ LONGEST_FIRST = (
     "test_experiments.py",
     # make test-team: one shared project (the DVC project, built by the first file's worker)
     # while the other worker reproduces its own pipeline through the tracking server
-    "team/test_dvc_remote.py",  # 165: builds the DVC project
-    "team/test_tracking_server.py",  # 230: its own `dvc repro` first
-    "team/test_optuna_postgres.py",  # 135
-    "team/test_benches.py",  # 95
+    "team/test_dvc_remote.py",  # 100: builds the DVC project
+    "team/test_tracking_server.py",  # 240: its own `dvc repro` first
+    "team/test_optuna_postgres.py",  # 145
 )
 
 

@@ -3,6 +3,9 @@ recording params object), every pneumoseg module it imported and every file it o
 
     python tests/stage_probe.py STAGE [--fold K] [--member NAME] > report.json   (in a project)
 
+or :func:`probe_in_child` in a process of a fork server that preloaded the heavy third-party
+libraries (tests/pipeline_helpers.py builds the shared tiny pipeline that way).
+
 The report is ``{"reads": [...], "modules": [...], "opened": {"r": [...], "w": [...]}}``; file
 paths are relative to the project folder (files outside it are left out). Files written by
 native code (OpenCV's imwrite/imread) are not seen by the audit hook; everything Python opens
@@ -112,12 +115,9 @@ def wrap(value: Any, path: str, reads: set[str]) -> Any:
     return value
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("stage")
-    parser.add_argument("--fold", type=int)
-    parser.add_argument("--member")
-    args = parser.parse_args()
+def probe(stage: str, fold: int | None = None, member: str | None = None) -> dict[str, Any]:
+    """Run ``stage`` in the current folder through a recording params object and an audit
+    hook (this process's last stage: a hook cannot be removed); what it read."""
     root = Path.cwd().resolve()
     opened: dict[str, set[str]] = {"r": set(), "w": set()}
 
@@ -143,24 +143,46 @@ def main() -> None:
     recorder = Recorder(params, "", reads)
     import importlib
 
-    module = importlib.import_module(f"pneumoseg.stages.{args.stage}")
+    module = importlib.import_module(f"pneumoseg.stages.{stage}")
     sys.addaudithook(audit)
     kwargs: dict[str, Any] = {"progress": False}
-    if args.fold is not None:
-        kwargs["fold"] = args.fold
-    if args.member is not None:
-        kwargs["member"] = args.member
+    if fold is not None:
+        kwargs["fold"] = fold
+    if member is not None:
+        kwargs["member"] = member
     module.run(recorder, **kwargs)
     modules = sorted(
         str(Path(m.__file__).resolve())
         for name, m in list(sys.modules.items())
         if name.split(".")[0] == "pneumoseg" and getattr(m, "__file__", None)
     )
-    report = {
+    return {
         "reads": sorted(reads),
         "modules": modules,
         "opened": {k: sorted(v) for k, v in opened.items()},
     }
+
+
+def probe_in_child(
+    project: str, environ: dict[str, str], out: str, stage: str, fold: int | None,
+    member: str | None,
+) -> None:  # fmt: skip
+    """A process of a fork server whose parent preloaded the third-party libraries (no
+    pneumoseg module) runs :func:`probe` in ``project`` and writes its report to ``out``: the
+    same report as a new process, without its five seconds of imports."""
+    os.chdir(project)
+    os.environ.clear()
+    os.environ.update(environ)
+    Path(out).write_text(json.dumps(probe(stage, fold, member)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage")
+    parser.add_argument("--fold", type=int)
+    parser.add_argument("--member")
+    args = parser.parse_args()
+    report = probe(args.stage, args.fold, args.member)
     sys.stdout.flush()
     print("STAGE_PROBE " + json.dumps(report))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from pipeline_helpers import DvcProject, dvc, run, set_params
+from pipeline_helpers import ROOT, DvcProject, dvc, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +108,30 @@ def test_validation_is_split_across_ranks_and_gathered_in_order(tmp_path: Path) 
     )
     assert (tmp_path / "rank0.txt").read_text() == "rank 0 scored 4 of 7"
     assert (tmp_path / "rank1.txt").read_text() == "rank 1 scored 3 of 7"
+
+
+def test_train_execs_torchrun_once_and_a_rank_trains_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The launching process replaces itself by torchrun with the same arguments (it cannot
+    report to coverage after the exec, so this checks the decision itself); a rank (WORLD_SIZE
+    set by torchrun) and ``nproc_per_node: 1`` train where they are."""
+    import os
+
+    from pneumoseg.params import load_params
+    from pneumoseg.training import launch
+
+    execs: list[list[str]] = []
+    monkeypatch.setattr(os, "execv", lambda path, args: execs.append([path, *args]))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    params = load_params(ROOT / "params.yaml")
+    two = params.model_copy(update={"train": params.train.model_copy(update={"nproc_per_node": 2})})
+    argv = ["-q", "train", "--fold", "1"]
+    launch.torchrun_if_asked(params, argv)  # the shipped nproc_per_node: 1
+    assert execs == []
+    launch.torchrun_if_asked(two, argv)
+    assert execs == [[sys.executable, sys.executable, "-m", "torch.distributed.run",
+                      "--standalone", "--nproc_per_node=2", "-m", "pneumoseg", *argv]]  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")  # inside a rank: no second launch
+    launch.torchrun_if_asked(two, argv)
+    assert len(execs) == 1

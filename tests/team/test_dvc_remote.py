@@ -1,7 +1,8 @@
 """A DVC remote on S3 (moto's server on 127.0.0.1, reached only through its endpoint URL): the
 credentials live in ``.dvc/config.local``; ``dvc push``, a fresh ``git clone`` and ``dvc pull``
 restore every output byte for byte; ``dvc exp push``/``pull`` through a bare git remote carry an
-experiment to another clone."""
+experiment to another clone (:func:`experiment_travels`, run by the tracking-server test on its
+queued experiments)."""
 
 from __future__ import annotations
 
@@ -59,25 +60,30 @@ def test_push_then_a_fresh_clone_pulls_every_output(
     assert "up to date" in dvc("status", cwd=clone).stdout
 
 
-def test_an_experiment_travels_through_a_git_remote_and_the_s3_remote(
-    dvc_project: DvcProject, s3: S3, tmp_path: Path
-) -> None:
-    project = dvc_project.copy(tmp_path / "p")
-    add_remote(project, s3)
-    run(["git", "add", ".dvc/config"], cwd=project)
-    run(["git", "commit", "-qm", "remote"], cwd=project)
+def experiment_travels(project: Path, name: str, s3: S3, tmp_path: Path) -> None:
+    """``dvc exp push``/``pull`` through a bare git remote carry experiment ``name`` of
+    ``project`` (a git + DVC project whose committed config had the S3 remote, see
+    :func:`add_remote`, when the experiment ran) to a fresh clone: git refs to the origin,
+    data to the S3 remote. Called by the tracking-server test on its reproduced project and
+    queued experiment (a second experiment run here would cost a minute of CPU)."""
+    baseline = (project / "models/postprocess.json").read_bytes()
+    dvc("exp", "apply", name, cwd=project)
+    expected = (project / "models/postprocess.json").read_bytes()
+    assert expected != baseline  # the experiment's own output, not the baseline's
+    run(["git", "checkout", "--", "."], cwd=project)  # the baseline again
+    dvc("checkout", cwd=project)
+    assert (project / "models/postprocess.json").read_bytes() == baseline
     origin = tmp_path / "origin.git"
     run(["git", "init", "-q", "--bare", str(origin)], cwd=tmp_path)
     run(["git", "remote", "add", "origin", str(origin)], cwd=project)
     run(["git", "push", "-q", "origin", "HEAD:main"], cwd=project)
     dvc("push", cwd=project)
-    dvc("exp", "run", "-S", "thresholds.seed=7", "-n", "seed-7", cwd=project)
-    expected = (project / "models/postprocess.json").read_bytes()
-    dvc("exp", "push", "origin", "seed-7", cwd=project)  # git refs to origin, data to S3
+    pushed = dvc("exp", "push", "origin", name, cwd=project)  # git refs to origin, data to S3
+    assert SECRET not in pushed.stdout + pushed.stderr
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], cwd=tmp_path)
     add_remote(clone, s3, local_only=True)
-    dvc("exp", "pull", "origin", "seed-7", cwd=clone)
-    dvc("exp", "apply", "seed-7", cwd=clone)
+    dvc("exp", "pull", "origin", name, cwd=clone)
+    dvc("exp", "apply", name, cwd=clone)
     dvc("pull", cwd=clone)
     assert (clone / "models/postprocess.json").read_bytes() == expected

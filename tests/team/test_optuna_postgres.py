@@ -1,7 +1,8 @@
 """Studies on PostgreSQL (Debian's server on 127.0.0.1): two ``pneumoseg study run`` workers in
 separate processes share one study; a worker killed mid-trial leaves no trial RUNNING once a
 worker starts again, and the study still reaches its count; a server restart mid-study is
-waited out; the threshold study gives on PostgreSQL what it gives on the journal file."""
+waited out; the threshold study gives on PostgreSQL what it gives on the journal file; and
+bench/study_workers.py runs on its smallest input."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from engines import Postgres
 from pipeline_helpers import DvcProject, env, set_params
+from test_bench import RATIO, bench
 from test_study import SLOW_STUDY, TINY_STUDY, kill_during_first_trial, load, worker
 
 PASSWORD = "optuna-canary-Pw-41d8"
@@ -119,3 +121,11 @@ def test_the_threshold_study_on_postgres_selects_what_the_journal_does(
     name = journal["study_name"]
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 20
+
+
+def test_the_study_workers_bench_runs(dvc_project: DvcProject) -> None:
+    """bench/study_workers.py (study workers on PostgreSQL) on its smallest input, on a copy of
+    the shared project (see tests/test_bench.py)."""
+    out = bench("study_workers.py", "--trials", "1", "--epochs", "1",
+                "--project", str(dvc_project.path))  # fmt: skip
+    assert "2 workers, the rule" in out and RATIO.search(out), out[-2000:]

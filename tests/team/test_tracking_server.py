@@ -2,7 +2,9 @@
 bucket (moto's server), on 127.0.0.1, one worker. ``dvc repro`` with
 ``MLFLOW_TRACKING_URI=http://...`` trains, evaluates and registers through it; the fold runs,
 their metric histories and artifacts land in PostgreSQL and the bucket; ``models promote`` and
-``predict --model models:/pneumoseg@champion`` work through the server; no password leaks."""
+``predict --model models:/pneumoseg@champion`` work through the server; no password leaks; the
+queued experiment then travels to a fresh clone through git and the S3 remote. And
+bench/team.py runs on its smallest input."""
 
 from __future__ import annotations
 
@@ -32,10 +34,12 @@ from pipeline_helpers import (
     run_queue,
     set_params,
 )
+from test_bench import RATIO, bench
 from test_experiments import experiments
 from test_results import check_row, shown_results, ui_rows
 
 from .conftest import SECRET
+from .test_dvc_remote import add_remote, experiment_travels
 
 PG_PASSWORD = "pg-canary-Passw0rd-7c2e"
 
@@ -103,33 +107,32 @@ def test_dvc_repro_tracks_and_registers_through_the_server(
     for secret in (PG_PASSWORD, SECRET):
         assert not [k for k, data in stored.items() if secret.encode() in data]
 
-    # one row per pipeline result on the server: the repro and two threshold-only experiments,
-    # queued and run at once (`dvc queue start -j 2`), each stage run tagged with its experiment
+    # one row per pipeline result on the server: the repro and a threshold-only experiment,
+    # queued (`dvc queue start`), each stage run tagged with its experiment (two experiments at
+    # once on one store: tests/test_results.py)
+    add_remote(project, s3)  # the team's S3 remote (credentials in .dvc/config.local)
     git_commit(project, "dvc repro")
     dvc = str(BIN / "dvc")
-    names = ("server-1", "server-2")
-    for seed, name in zip((3, 4), names, strict=True):
-        through(tracking_server, dvc, "exp", "run", "--queue", "-S", f"thresholds.seed={seed}",
-                "-n", name, cwd=project)  # fmt: skip
-    printed = run_queue(project, names, {"MLFLOW_TRACKING_URI": tracking_server})
-    assert "Running stage 'thresholds'" in printed  # the experiments' logs were read
+    through(tracking_server, dvc, "exp", "run", "--queue", "-S", "thresholds.seed=3",
+            "-n", "server-1", cwd=project)  # fmt: skip
+    printed = run_queue(project, ("server-1",), {"MLFLOW_TRACKING_URI": tracking_server})
+    assert "Running stage 'thresholds'" in printed  # the experiment's log was read
     assert PG_PASSWORD not in printed and SECRET not in printed
     rows = ui_rows(client)
-    assert len(rows) == 3
+    assert len(rows) == 2
     shown = shown_results(project)
     by_name = {r.data.tags.get("dvc_exp_name", "baseline"): r for r in rows}
     for name, row in by_name.items():
         check_row(client, row, shown[name])
     files = experiments(project)
-    for seed, name in zip((3, 4), names, strict=True):
-        only = by_name[name]
-        assert only.data.tags["run.train-fold0"] == by_name["baseline"].data.tags["run.train-fold0"]
-        assert only.data.params["thresholds.seed"] == str(seed)
-        for path, key in (("metrics/thresholds.json", "mlflow_run_id"),
-                          ("metrics/evaluate.json", "mlflow_run_id"),
-                          ("metrics/registered.json", "run_id")):  # fmt: skip
-            run = client.get_run(files[name][path][key])  # on the server (raises if not)
-            assert run.data.tags["dvc_exp_name"] == name
+    only = by_name["server-1"]
+    assert only.data.tags["run.train-fold0"] == by_name["baseline"].data.tags["run.train-fold0"]
+    assert only.data.params["thresholds.seed"] == "3"
+    for path, key in (("metrics/thresholds.json", "mlflow_run_id"),
+                      ("metrics/evaluate.json", "mlflow_run_id"),
+                      ("metrics/registered.json", "run_id")):  # fmt: skip
+        run = client.get_run(files["server-1"][path][key])  # on the server (raises if not)
+        assert run.data.tags["dvc_exp_name"] == "server-1"
 
     pneumoseg = [sys.executable, "-m", "pneumoseg"]
     through(tracking_server, *pneumoseg, "models", "promote", "1", cwd=project)
@@ -139,6 +142,8 @@ def test_dvc_repro_tracks_and_registers_through_the_server(
             "--out", "pred", cwd=project)  # fmt: skip
     assert (project / "pred/predictions.csv").read_text().count("\n") == 2
     assert '"version": "1"' in (project / "pred/model.json").read_text()
+    # an experiment travels to a fresh clone through a git remote and the S3 remote
+    experiment_travels(project, "server-1", s3, tmp_path)
 
 
 def test_the_server_dies_mid_training_and_comes_back(
@@ -196,3 +201,12 @@ def test_the_server_dies_mid_training_and_comes_back(
         stop.set()
         watcher.join(timeout=30)
         servers[-1].__exit__(None, None, None)
+
+
+def test_the_team_bench_runs(dvc_project: DvcProject, tmp_path: Path) -> None:
+    """bench/team.py on its smallest input (see tests/test_bench.py): tracking through an
+    MLflow server on PostgreSQL + S3 and a DVC remote on S3, each against a bare client."""
+    project = dvc_project.copy(tmp_path / "p")
+    out = bench("team.py", "--epochs", "3", "--project", str(project))
+    assert "tracker / bare client on the server:" in out and RATIO.search(out), out[-2000:]
+    assert "dvc push" in out, out[-2000:]

@@ -282,6 +282,13 @@ def write_resume_key(work: str | Path, run_key: str, mlflow_run_id: str | None) 
     write_text_atomic(Path(work) / RESUME_KEY_FILE, text)
 
 
+def resume_key(params_hash: object, data_hash: object, fold: object) -> str:
+    """What a fold's resume state must have been made with to be resumed (``run_key`` in its
+    key record): the training params, the data and the fold. A fine-tuning appends its own
+    part (labels, starting model)."""
+    return f"{params_hash}|{data_hash}|fold{fold}"
+
+
 def stale_resume_state(work: str | Path, meta: dict[str, Any]) -> dict[str, Any] | None:
     """The key record of the resume state in ``work`` when it is of the same params, data and
     fold as the finished model whose ``meta`` is given (the fold finished in another process,
@@ -293,6 +300,6 @@ def stale_resume_state(work: str | Path, meta: dict[str, Any]) -> dict[str, Any]
         record = json.loads(path.read_text())
     except ValueError:
         return None
-    prefix = f"{meta.get('params_hash')}|{meta.get('data_hash')}|fold{meta.get('fold')}"
+    prefix = resume_key(meta.get("params_hash"), meta.get("data_hash"), meta.get("fold"))
     key = str(record.get("run_key", ""))
     return record if key == prefix or key.startswith(prefix + "|") else None

@@ -21,7 +21,7 @@ import torch.utils.deterministic
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pneumoseg.artifacts import read_folds
+from pneumoseg.artifacts import read_folds, resume_key
 from pneumoseg.augment import build_train_transform
 from pneumoseg.data import SegDataset
 from pneumoseg.folds import FoldImages
@@ -193,7 +193,7 @@ class FoldTrainer:
 
     def run_key(self) -> str:
         """What a saved resume state must have been made with to be resumed."""
-        return f"{self.params_hash}|{self.data_hash}|fold{self.fold}"
+        return resume_key(self.params_hash, self.data_hash, self.fold)
 
     def initial_state(self) -> dict[str, torch.Tensor] | None:
         """The weights a new run starts from (None: the seeded initialisation)."""

@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS ?= 1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test test-team coverage faults lint bench engines
+.PHONY: setup demo test test-team coverage faults gpu-check lint bench engines
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,12 @@ test-team: setup engines
 faults: setup engines
 	PNEUMOSEG_FAULT_SEEDS=10 PNEUMOSEG_FAULT_FUZZED=500 PNEUMOSEG_FAULT_README=1 \
 	  pytest -m faults tests/faults
+
+# On a CUDA machine: a few AMP training steps of the SIIM profile's model at 512 and 1024 px,
+# float16 against float32 inference, a one-rank NCCL torchrun, predict against model-only;
+# writes gpu-check.json (bench/gpu_check.py --device cpu runs the same plumbing here).
+gpu-check: setup
+	pytest -m gpu tests/test_gpu_check.py
 
 lint: setup
 	ruff check src tests bench docs

@@ -10,13 +10,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from pipeline_helpers import ROOT, DvcProject, dvc, run, set_params
+from pipeline_helpers import ROOT, DvcProject, dvc, env, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +78,48 @@ def test_nproc_per_node_runs_the_dvc_stage_in_two_ranks(
     assert [m.value for m in items if m.step == 1] == [int(row["train_items"])]
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["train@0"]["cmd"] == "pneumoseg -q train --fold 0"
+    two_machines_train_like_one(project, tmp_path / "nodes")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def two_machines_train_like_one(one_machine: Path, project: Path) -> None:
+    """``train.nnodes: 2``: two "machines" (two torchrun launchers, one rank each, the same
+    command in the same shared folder) meet at a c10d rendezvous on 127.0.0.1 and train the
+    fold bit for bit as two ranks on one machine did, with one MLflow run."""
+    shutil.copytree(one_machine, project, symlinks=True)
+    before = json.loads((project / "metrics/fold0.json").read_text())["mlflow_run_id"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    set_params(project, {"train": {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": endpoint}})
+    command = [sys.executable, "-m", "pneumoseg", "-q", "train", "--fold", "0"]
+    machines = [
+        subprocess.Popen(command, cwd=project, env=env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    printed = [m.communicate(timeout=600)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], "\n".join(p[-2000:] for p in printed)
+    assert sum("meeting the other machines at " + endpoint in p for p in printed) == 2
+    assert sum(p.count("fold 0 epoch 2/2") for p in printed) == 1  # global rank 0 alone logs
+    result = json.loads((project / "metrics/fold0.json").read_text())
+    assert result["mlflow_run_id"] != before
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    run_ = client.get_run(result["mlflow_run_id"])
+    assert run_.data.params["train.nnodes"] == "2" and run_.info.status == "FINISHED"
+    import torch
+
+    def weights(root: Path) -> dict:
+        return torch.load(root / "models/folds/fold0/model.pt", weights_only=True)["state_dict"]
+
+    mine, theirs = weights(project), weights(one_machine)
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 GATHER = """
@@ -135,3 +180,12 @@ def test_train_execs_torchrun_once_and_a_rank_trains_in_place(
     monkeypatch.setenv("WORLD_SIZE", "2")  # inside a rank: no second launch
     launch.torchrun_if_asked(two, argv)
     assert len(execs) == 1
+    monkeypatch.delenv("WORLD_SIZE")
+    nodes = {"nnodes": 3, "rdzv_endpoint": "node0.cluster:29400"}
+    machines = params.model_copy(update={"train": params.train.model_copy(update=nodes)})
+    launch.torchrun_if_asked(machines, argv)
+    assert execs[1] == [sys.executable, sys.executable, "-m", "torch.distributed.run",
+                        "--nnodes=3", "--rdzv_backend=c10d",
+                        "--rdzv_endpoint=node0.cluster:29400",
+                        "--rdzv_id=pneumoseg-train-fold-1",  # the same on every machine
+                        "--nproc_per_node=1", "-m", "pneumoseg", *argv]  # fmt: skip

@@ -24,7 +24,8 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PACKAGE = ROOT / "src" / "pneumoseg"
 # Files a stage may touch outside its declared deps and outs: the stores of record and the
 # working folders (see pneumoseg.paths), and dvc.lock, read for the data-hash lineage tag only.
-EXEMPT_PATHS = ("mlruns", "optuna", "checkpoints", "dvc.lock")
+# (.pneumoseg: the OOF maps' component tables, a cache of what the declared maps give)
+EXEMPT_PATHS = ("mlruns", "optuna", "checkpoints", "dvc.lock", ".pneumoseg")
 
 
 def definition(stage: str) -> dict[str, Any]:

@@ -144,6 +144,74 @@ def test_component_filter_matches_full_frame_labelling(data: tuple[np.ndarray, n
         assert np.array_equal(apply_triplet(prob, t, native=S), keep[labels].astype(np.uint8))
 
 
+def _labelled_components(prob: np.ndarray, truth: np.ndarray, lvl: int) -> list[tuple[int, int]]:
+    """Sorted (area, truth overlap) of the 8-connected components of ``prob > lvl`` (cv2)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        (prob > lvl).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
+    )
+    overlap = np.bincount(labels[truth != 0], minlength=count)
+    return sorted(zip(stats[1:, cv2.CC_STAT_AREA].tolist(), overlap[1:].tolist(), strict=True))
+
+
+def test_component_table_equals_labelling_at_every_level(
+    data: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """One max-tree per map gives, at all 256 levels, exactly the components (area, truth
+    overlap) that labelling ``map > level`` finds; maps of only zeros or one value included."""
+    probs, masks = data
+    probs, masks = probs[:12].copy(), masks[:12].copy()
+    probs[0] = 0  # nothing at any level
+    probs[1] = 255  # one component (the whole map) at every level but 255
+    probs[2, ::2, ::2] = 0  # a grid of holes: many small components at low levels
+    scorer = TripletScorer(probs, masks, native=S, batch=5)
+    table = scorer.components
+    assert table.n == len(probs) and len(table.area) > 0
+    seen = 0
+    for lvl in range(256):
+        ptr, areas, overlaps = table.at(lvl)
+        for i in range(len(probs)):
+            mine = slice(ptr[i], ptr[i + 1])
+            got = sorted(zip(areas[mine].tolist(), overlaps[mine].tolist(), strict=True))
+            assert got == _labelled_components(probs[i], masks[i], lvl), (i, lvl)
+            seen += len(got)
+    assert seen > 1000  # the maps really have components at many levels
+
+
+def test_component_table_cached_beside_the_working_copy(
+    data: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """A second scorer of the same maps reads the table from the cache folder instead of
+    building it; maps that changed get their own table and the same scores as without a cache."""
+    from pneumoseg.postprocess.components import ComponentTable, file_fingerprint
+
+    probs, masks = data
+    files = [tmp_path / "probs.npy", tmp_path / "masks.npy"]
+    np.save(files[0], probs)
+    np.save(files[1], masks)
+    cache = tmp_path / "cache"
+    t = Triplet(0.5, 0, 0.3, min_component_area=40)
+    key = file_fingerprint(*files)
+    first = TripletScorer(
+        np.load(files[0], mmap_mode="r"), masks, 128, components_cache=(cache, key)
+    )
+    expected = first.per_image(t)
+    assert [p.name for p in cache.iterdir()] == [f"{key}.npz"]
+    loaded = ComponentTable.load(cache / f"{key}.npz", key)
+    assert loaded is not None and np.array_equal(loaded.area, first.components.area)
+    assert ComponentTable.load(cache / f"{key}.npz", "another key") is None
+    second = TripletScorer(np.zeros_like(probs), masks, 128, components_cache=(cache, key))
+    # the zero maps are never labelled: the cached table of the real maps answers
+    assert np.array_equal(second.per_image(t), expected)
+    changed = probs.copy()
+    changed[:, :4] = 255
+    np.save(files[0], changed)
+    new_key = file_fingerprint(*files)
+    assert new_key != key
+    third = TripletScorer(changed, masks, 128, components_cache=(cache, new_key))
+    assert np.array_equal(third.per_image(t), kaggle_dice_naive(changed, masks, t, 128))
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"{key}.npz", f"{new_key}.npz"])
+
+
 def test_kaggle_rules() -> None:
     probs = np.zeros((4, 4, 4), dtype=np.uint8)
     masks = np.zeros((4, 4, 4), dtype=np.uint8)

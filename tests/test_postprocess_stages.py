@@ -291,3 +291,32 @@ def test_predicted_masks_have_native_resolution_edges(trained: Path) -> None:
         small = cv2.resize(mask, (64, 64), interpolation=cv2.INTER_NEAREST)
         blocks = cv2.resize(small, (200, 200), interpolation=cv2.INTER_NEAREST)
         assert not np.array_equal(mask, blocks)
+
+
+def test_the_component_table_is_built_once_for_thresholds_and_evaluate(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scorer of the OOF maps (``oof_scorer``, as thresholds and evaluate open it) builds
+    the component table on its first triplet with ``min_component_area`` and keeps it in the
+    working folder; the next stage's scorer reads it back instead of building it again."""
+    from pneumoseg.postprocess import Triplet, kaggle_dice_naive, oof_scorer
+    from pneumoseg.postprocess import scorer as scorer_module
+
+    oof = tmp_path / "oof"  # the main model's maps alone (the tiny pipeline's member left out)
+    shutil.copytree(trained / "oof", oof, ignore=shutil.ignore_patterns("members"))
+    monkeypatch.chdir(tmp_path)
+    t = Triplet(0.5, 0, 0.2, min_component_area=300)
+    first, _, _ = oof_scorer(oof, trained / "data/processed")
+    expected = first.per_image(t)
+    (cached,) = (tmp_path / ".pneumoseg/components").glob("*.npz")
+
+    def no_second_build(*_: object) -> None:
+        raise AssertionError("the component table was built twice")
+
+    monkeypatch.setattr(scorer_module, "build_table", no_second_build)
+    second, _, _ = oof_scorer(oof, trained / "data/processed")
+    assert np.array_equal(second.per_image(t), expected)
+    native = oof_rows(trained).native
+    probs, masks = np.load(oof / "probs.npy"), np.load(oof / "masks.npy")
+    assert np.array_equal(expected, kaggle_dice_naive(probs, masks, t, native))
+    assert cached.is_file()

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pneumoseg.params import load_params
+from pneumoseg.params.finetune import finetune_train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "profiles").glob("*.sets"))
@@ -43,6 +44,12 @@ def test_a_profile_gives_valid_params(profile: Path, tmp_path: Path) -> None:
     loaded = load_params(tmp_path / "params.yaml")
     assert loaded.data.raw_dir == "data/raw/siim" and loaded.train.folds == [0, 1, 2, 3, 4]
     assert [p.size for p in loaded.train.parts] == [512, 1024]
+    # with pseudo-labels on, the fine-tuned folds predict at the fold models' size (1024 here):
+    # submit, register and predict mix fine-tuned and plain folds
+    params["pseudo_label"]["folds"] = [0]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    tuned = finetune_train(load_params(tmp_path / "params.yaml"))
+    assert [p.size for p in tuned.parts] == [1024]
 
 
 def test_apply_set_refuses_an_unknown_key() -> None:

@@ -53,6 +53,11 @@ def test_images_are_labelled_by_their_largest_probability() -> None:
             "pseudo_label.finetune.parts[0].lr: must be > 0",
         ),
         ({"positive_confidence": 1.5}, "pseudo_label.positive_confidence:"),
+        (
+            {"folds": [0], "finetune": {"parts": [{"size": 96, "epochs": 1}]}},
+            "pseudo_label.finetune.parts[0].size: 96 is not the size the fold models predict "
+            "at (64, train.parts' last)",
+        ),
     ],
 )
 def test_bad_pseudo_label_params_are_one_line_naming_the_key(

@@ -292,3 +292,37 @@ def test_a_full_disk_in_oof_keeps_the_previous_maps(
     )
     record("disk full", "oof", "one line, previous maps intact, rerun identical", held)
     assert held, full.stderr[-2000:]
+
+
+def test_a_full_disk_in_pseudo_label_keeps_the_previous_labels(
+    tiny_pipeline: Pipeline, tmp_path: Path, record: Record
+) -> None:
+    """pseudo_label streams the kept images and masks into memory maps (a scratch pair, then
+    the arrays' layout). A disk without room for the scratch maps is one line (their space is
+    claimed up front; a write into an unclaimed map page would be a SIGBUS), the previous labels
+    stay whole, no staging folder is left, and a rerun with space writes the same labels."""
+    project = tiny_pipeline.copy(tmp_path / "p")
+    clean = tree_digest(project / "data/pseudo")
+    box = project / "box"  # pseudo_label.out_dir inside a small disk
+    box.mkdir()
+    shutil.move(str(project / "data/pseudo"), str(box / "pseudo"))
+    set_params(project, {"pseudo_label": {"out_dir": "box/pseudo"}})
+    files = [p for p in (box / "pseudo").rglob("*") if p.is_file()]
+    used = sum(-(-p.stat().st_size // 4096) * 4096 for p in files)  # tmpfs: whole pages
+    room = 6 * 4096  # less than one scratch map (6 test images of 64 x 64 px and a header)
+    with small_disk(box, used + room, tmp_path / "box.real") as real:
+        shutil.copytree(real, box, dirs_exist_ok=True)
+        full = pneumoseg(project, "-q", "pseudo_label", "--fold", "0")
+        kept = tree_digest(box / "pseudo") == clean
+        staging = sorted(p.name for p in (box / "pseudo").iterdir() if p.name.startswith("."))
+    rerun = in_process("-q", "pseudo_label", "--fold", "0", cwd=project, check=False)
+    held = (
+        stopped_by_full_disk(full)
+        and kept
+        and not staging
+        and rerun.returncode == 0
+        and tree_digest(box / "pseudo") == clean
+    )
+    record("disk full", "pseudo_label", "one line (no SIGBUS), previous labels intact, rerun "
+           "identical", held)  # fmt: skip
+    assert held, (full.returncode, staging, full.stderr[-2000:])

@@ -43,6 +43,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "train.optimizer",
         "train.batch_size",
         "train.nproc_per_node",
+        "train.nnodes",
         "train.accumulate_steps",
         "train.grad_clip",
         "train.amp",
@@ -135,6 +136,8 @@ EXEMPT_KEYS: dict[str, str] = {
     "data.workers": "how many processes convert in parallel; the outputs are identical",
     "train.workers": "DataLoader processes; augmentation is seeded per item, so the weights are "
     "identical",
+    "train.rdzv_endpoint": "where the machines of a several-machine training meet, not what "
+    "they compute",
     "train.work_dir": "where the resume state of a running training lives (deleted at its end)",
     "thresholds.storage": "where the Optuna study is stored, not what it finds",
     "mlflow": "where runs and model versions are recorded, not what is computed",

@@ -20,7 +20,16 @@ MAIN = "main"  # the train section's own models
 MEMBER_NAME = r"[A-Za-z][A-Za-z0-9_]*"  # no '-': DVC names the stages member@<name>-<fold>
 # keys a member cannot set: the folds and the launch (torchrun ranks) are shared, the layout
 # follows from the member's name
-SHARED_KEYS = ("folds", "nproc_per_node", "models_dir", "work_dir", "metrics_dir", "plots_dir")
+SHARED_KEYS = (
+    "folds",
+    "nproc_per_node",
+    "nnodes",
+    "rdzv_endpoint",
+    "models_dir",
+    "work_dir",
+    "metrics_dir",
+    "plots_dir",
+)
 LAYOUT_KEYS = ("models_dir", "work_dir", "metrics_dir", "plots_dir")
 
 

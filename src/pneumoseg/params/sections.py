@@ -87,9 +87,10 @@ class OofParams(Strict):
 
 
 def default_finetune() -> dict[str, Any]:
-    """The further part of ``finetune@<fold>``: three epochs at the data size, last weights."""
+    """The further part of ``finetune@<fold>``: three epochs at the fold models' size (``size``
+    null: train.parts' last), last weights."""
     part = {
-        "size": 256,
+        "size": None,
         "epochs": 3,
         "lr": 0.0003,
         "scheduler": {"name": "cosine", "min_lr": 0.00001, "warmup_epochs": 0},

@@ -211,6 +211,10 @@ class TrainParams(Strict):
     # >1: `pneumoseg train` starts itself under torchrun with this many ranks on this machine
     # (DistributedDataParallel: gloo on CPU, NCCL on GPUs; batch_size is per rank)
     nproc_per_node: int = Field(1, ge=1)
+    # >1: that many machines train each fold together (torchrun's c10d rendezvous at
+    # rdzv_endpoint, "host:port" that every machine reaches); each runs the same command
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$")
     amp: bool = True  # CUDA only
     channels_last: bool = True
     val_threshold: Fraction = 0.5
@@ -236,6 +240,11 @@ class TrainParams(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"rdzv_endpoint: nnodes is {self.nnodes}; give the host:port where the machines "
+                "meet (torchrun's c10d rendezvous, e.g. node0.cluster:29400)"
+            )
         if self.selection.mode == "none":
             if self.checkpoint.final in ("best", "average_top_k"):
                 raise ValueError(

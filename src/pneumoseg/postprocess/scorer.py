@@ -11,11 +11,20 @@ import cv2
 import numpy as np
 
 from pneumoseg.metrics import kaggle_dice
-from pneumoseg.postprocess.triplet import Triplet, _components, apply_triplet, level, scale_area
+from pneumoseg.postprocess.components import (
+    ComponentTable,
+    build_table,
+    cached_table,
+    file_fingerprint,
+)
+from pneumoseg.postprocess.triplet import Triplet, apply_triplet, level, scale_area
 
 N_LEVELS = 256
 _HIST_EXACT_LIMIT = 2**24  # cv2.calcHist counts in float32: exact below this many pixels
 _TIE_TOL = 1e-12  # exhaustive: scores within this of the max count as ties (first one wins)
+# Working folder (relative to the current directory, like checkpoints/) of the OOF maps'
+# component tables, shared by the stages that score them (thresholds, evaluate).
+COMPONENTS_CACHE = ".pneumoseg/components"
 
 
 def _per_image_native(native: int | np.ndarray, n: int) -> np.ndarray:
@@ -74,13 +83,14 @@ class TripletScorer:
     ``probs``/``masks`` may be ``np.memmap`` arrays.
 
     The histogram path (no ``min_component_area``) is the fast path. Component filtering cannot
-    be derived from histograms: the first time a bottom level is requested with
-    ``min_component_area > 0``, one pass over the maps runs ``cv2.connectedComponentsWithStats``
-    (8-connectivity, on the foreground's bounding box, as :func:`apply_triplet` does) on
-    ``probs[i] > level`` and caches every component's area and ground-truth overlap for that
-    level (~16 bytes per component). The cache is per level, so any ``min_component_area`` at a
-    level already seen costs only O(components) vector ops. The scorer keeps references to
-    ``probs`` and ``masks`` for these passes (keep a memmap open while scoring).
+    be derived from histograms: the first triplet with ``min_component_area > 0`` builds a
+    :class:`~pneumoseg.postprocess.components.ComponentTable` in one pass over the maps (one
+    max-tree per map: every 8-connected component of ``probs[i] > l`` at every level ``l``, with
+    its area and ground-truth overlap). ``components_cache`` (a folder) keeps that table on disk
+    for the next scorer of the same maps (``thresholds``, then ``evaluate``). A level's
+    components are then a vector selection, cached per level, so any ``min_component_area``
+    costs O(components) vector ops. The scorer keeps references to ``probs`` and ``masks`` for
+    that pass (keep a memmap open while scoring).
 
     ``native`` is the native width (int, or one per image), used to scale the areas; ``gt`` holds
     the ground-truth pixel count per image.
@@ -93,6 +103,7 @@ class TripletScorer:
         native: int | np.ndarray,
         cls: np.ndarray | None = None,
         batch: int = 256,
+        components_cache: tuple[Path, str] | None = None,
     ) -> None:
         if probs.dtype != np.uint8 or probs.ndim != 3 or probs.shape[1] != probs.shape[2]:
             raise ValueError(f"probs must be uint8 (N, S, S), got {probs.dtype} {probs.shape}")
@@ -129,6 +140,8 @@ class TripletScorer:
         self.has_cls = self._cls is not None
         self._area_cache: dict[float, int | np.ndarray] = {}
         self._cc_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._components_cache = components_cache
+        self._table: ComponentTable | None = None
 
     @property
     def cls(self) -> np.ndarray | None:
@@ -179,32 +192,28 @@ class TripletScorer:
             self._area_cache[key] = out
         return out
 
+    @property
+    def components(self) -> ComponentTable:
+        """Every component of every map at every level (built on first use, or read from the
+        ``components_cache`` folder when it holds the table of these maps)."""
+        if self._table is None:
+
+            def build() -> ComponentTable:
+                return build_table(self._chunks(), self.n)
+
+            if self._components_cache is None:
+                self._table = build()
+            else:
+                folder, key = self._components_cache
+                self._table = cached_table(folder, key, build)
+            if self._table.n != self.n:
+                raise ValueError(f"component table of {self._table.n} maps for {self.n} maps")
+        return self._table
+
     def _components_at(self, lvl: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Cached ``(ptr (N+1,), areas (K,), gt overlaps (K,))`` of all components above lvl."""
         if lvl not in self._cc_cache:
-            counts = np.zeros(self.n, dtype=np.int64)
-            areas: list[np.ndarray] = []
-            overlaps: list[np.ndarray] = []
-            nonempty = self._above[lvl] > 0
-            for start, p, g in self._chunks():
-                for j in range(len(p)):
-                    i = start + j
-                    if not nonempty[i]:
-                        continue
-                    box, labels, area = _components((p[j] > lvl).view(np.uint8))
-                    tp = np.zeros(area.size, dtype=np.int64)
-                    if self.gt[i] > 0:
-                        tp = np.bincount(labels[g[j][box].view(bool)], minlength=area.size)
-                    counts[i] = area.size - 1
-                    areas.append(area[1:])
-                    overlaps.append(tp[1:].astype(np.int64))
-            ptr = np.concatenate([[0], np.cumsum(counts)])
-            empty = [np.zeros(0, dtype=np.int64)]
-            self._cc_cache[lvl] = (
-                ptr,
-                np.concatenate(areas + empty),
-                np.concatenate(overlaps + empty),
-            )
+            self._cc_cache[lvl] = self.components.at(lvl)
         return self._cc_cache[lvl]
 
     def _filtered_counts(self, lvl: int, min_component_area: float) -> tuple[np.ndarray, ...]:
@@ -372,7 +381,11 @@ def oof_scorer(
     manifest = read_manifest(processed_dir)
     native = native_widths(oof.ids, manifest)
     if not oof.members:
-        return TripletScorer(oof.probs, oof.masks, native, oof.cls), oof.ids, manifest
+        out = Path(oof_dir)
+        key = file_fingerprint(out / "probs.npy", out / "masks.npy")
+        cache = (Path(COMPONENTS_CACHE), key)
+        scorer = TripletScorer(oof.probs, oof.masks, native, oof.cls, components_cache=cache)
+        return scorer, oof.ids, manifest
     maps, cls = oof_members(oof)
     weights = weights or {name: 1.0 for name in maps}
     return blended_scorer(maps, oof.masks, native, cls, weights), oof.ids, manifest

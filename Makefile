@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS ?= 1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test test-team coverage faults gpu-check lint bench engines
+.PHONY: setup demo test test-team coverage faults rehearse gpu-check lint bench engines
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,12 @@ test-team: setup engines
 faults: setup engines
 	PNEUMOSEG_FAULT_SEEDS=10 PNEUMOSEG_FAULT_FUZZED=500 PNEUMOSEG_FAULT_README=1 \
 	  pytest -m faults tests/faults
+
+# The SIIM-size rehearsal (bench/rehearse.py): the stages at N = 1,000 ... 10,675 on synthetic
+# 1024 px DICOMs, measured; writes bench/results/rehearsal.{json,png} and the README table.
+# Hours on 2 cores, up to ~45 GB of disk in /tmp/pneumoseg-rehearsal (deleted per N).
+rehearse: setup
+	python bench/rehearse.py --readme
 
 # On a CUDA machine: a few AMP training steps of the SIIM profile's model at 512 and 1024 px,
 # float16 against float32 inference, a one-rank NCCL torchrun, predict against model-only;

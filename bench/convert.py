@@ -55,7 +55,7 @@ MIX = {
 # --- data set -------------------------------------------------------------------------------------
 
 
-def _picture(size: int, rng: np.random.Generator) -> np.ndarray:
+def picture(size: int, rng: np.random.Generator) -> np.ndarray:
     """A quick chest-like uint8 image with texture (so codecs have real work to do)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     img = 45 + 25 * yy
@@ -69,7 +69,7 @@ def _picture(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img + noise + rng.normal(0, 2, (size, size)), 0, 255).astype(np.uint8)
 
 
-def _lesion(size: int, rng: np.random.Generator) -> np.ndarray:
+def lesion(size: int, rng: np.random.Generator) -> np.ndarray:
     mask = np.zeros((size, size), np.uint8)
     center = (int(rng.uniform(0.2, 0.8) * size), int(rng.uniform(0.25, 0.6) * size))
     axes = (int(rng.uniform(0.02, 0.08) * size), int(rng.uniform(0.04, 0.15) * size))
@@ -77,7 +77,7 @@ def _lesion(size: int, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
-def _write_dicom(path: Path, image: np.ndarray, fmt: str, uid: str) -> None:
+def write_dicom(path: Path, image: np.ndarray, fmt: str, uid: str) -> None:
     from PIL import Image
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.encaps import encapsulate
@@ -137,9 +137,9 @@ def _own_set(raw: Path, n: int, size: int, mix: dict[str, float], seed: int = 20
     for i, fmt in enumerate(formats):
         uid = f"1.2.276.0.7230010.3.1.4.8323329.{9000 + i}.1517875{i:03d}.{100000 + i}"
         path = raw / "dicom-images-train" / f"1.2.9.1.{i}" / f"1.2.9.2.{i}" / f"{uid}.dcm"
-        _write_dicom(path, _picture(size, rng), fmt, uid)
+        write_dicom(path, picture(size, rng), fmt, uid)
         if rng.random() < 0.22:
-            rows += [f"{uid}, {rle_encode(_lesion(size, rng))}" for _ in range(rng.integers(1, 3))]
+            rows += [f"{uid}, {rle_encode(lesion(size, rng))}" for _ in range(rng.integers(1, 3))]
         else:
             rows.append(f"{uid}, -1")
     (raw / "train-rle.csv").write_text("\n".join(rows) + "\n")

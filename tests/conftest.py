@@ -155,7 +155,7 @@ TINY_PSEUDO = {
     "pixel_threshold": 0.45,
     "finetune": {
         "parts": [
-            {"size": 64, "epochs": 1, "lr": 0.001, "loss": {"bce": 1, "dice": 1},
+            {"size": None, "epochs": 1, "lr": 0.001, "loss": {"bce": 1, "dice": 1},
              "sample_rate": {"start": 0.5, "end": 0.5, "shape": "constant"}}
         ]
     },

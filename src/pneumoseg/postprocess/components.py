@@ -11,7 +11,7 @@ map therefore replaces the 256 labellings (one per level) that scoring every bot
 costs with ``cv2.connectedComponentsWithStats``; a level's components are a vector selection
 over the table's nodes.
 
-Table size: a few hundred to a few thousand nodes per smooth probability map (14 bytes each),
+Table size: a few hundred to a few thousand nodes per smooth probability map (16 bytes each),
 more on noisy maps (at most one per pixel).
 """
 
@@ -45,8 +45,8 @@ class ComponentTable:
     image: np.ndarray  # int32 (K,)
     lo: np.ndarray  # int16 (K,): the parent's altitude, -1 for a tree's root
     hi: np.ndarray  # int16 (K,): the node's altitude (the smallest map value inside it)
-    area: np.ndarray  # int64 (K,)
-    overlap: np.ndarray  # int64 (K,)
+    area: np.ndarray  # int32 (K,)
+    overlap: np.ndarray  # int32 (K,)
 
     def at(self, lvl: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The components of every map above ``lvl``: ``(ptr (n+1,), areas, overlaps)``;
@@ -135,7 +135,12 @@ def build_table(chunks: Iterator[tuple[int, np.ndarray, np.ndarray]], n: int) ->
         parts, images = [(np.zeros(0, np.int64),) * 4], [np.zeros(0, np.int32)]
     lo, hi, area, overlap = (np.concatenate([p[k] for p in parts]) for k in range(4))
     return ComponentTable(
-        n, np.concatenate(images), lo.astype(np.int16), hi.astype(np.int16), area, overlap
+        n,
+        np.concatenate(images),
+        lo.astype(np.int16),
+        hi.astype(np.int16),
+        area.astype(np.int32),
+        overlap.astype(np.int32),
     )
 
 

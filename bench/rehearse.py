@@ -195,7 +195,7 @@ def project(folder: Path, raw: Path) -> None:
     params["arrays"]["sizes"] = [512]
     params["split"]["n_folds"] = 5
     params["train"]["folds"] = [0, 1, 2, 3, 4]
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

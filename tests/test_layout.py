@@ -70,3 +70,97 @@ def test_the_cli_table_points_at_existing_functions() -> None:
         module, _, function = command.target.partition(":")
         assert module.startswith(("pneumoseg.stages.", "pneumoseg.commands.")), name
         assert callable(command.runner()), name
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (function-level and type-only imports too; a
+    name imported from a module counts as the module; a package is its ``__init__``)."""
+    modules = {module_name(p).removesuffix(".__init__"): p for p in MODULES}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = {resolve(m) for m in imported(path)}
+        graph[name] = {t for t in targets if t and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+# The one cycle left, until the training callbacks and the end-of-training record take an
+# explicit context instead of the trainer (issue 30, item 3). Any other cycle fails.
+KNOWN_CYCLES = [
+    ["pneumoseg.training.callbacks", "pneumoseg.training.record", "pneumoseg.training.trainer"]
+]
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_counting_imports_inside_functions() -> None:
+    """postprocess is a chain (triplet < components < scorer < search < blend < oof) and the
+    whole package has no other cycle either."""
+    graph = import_graph()
+    assert cycles(graph) == KNOWN_CYCLES
+    chain = ["triplet", "components", "scorer", "search", "blend", "oof"]
+    for k, lower in enumerate(chain):
+        above = {f"pneumoseg.postprocess.{m}" for m in chain[k + 1 :]}
+        assert not graph[f"pneumoseg.postprocess.{lower}"] & above, lower
+
+
+def test_no_private_name_is_imported_from_another_module() -> None:
+    offenders = []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumoseg"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if private:
+                    offenders.append(f"{module_name(path)}: {node.module} {private}")
+    assert offenders == []

@@ -238,7 +238,8 @@ def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
     return current, previous
 
 
-def _score(tags: dict[str, str], key: str) -> float | None:
+def tag_score(tags: dict[str, str], key: str) -> float | None:
+    """A version tag as a float; None when missing, not a number or NaN."""
     try:
         value = float(tags[key])
     except (KeyError, TypeError, ValueError):
@@ -260,10 +261,10 @@ def auto_promote(client: MlflowClient, name: str, version: str) -> tuple[bool, s
             return True, "no champion yet"
         old_tags = client.get_model_version(name, current).tags
     key = next(
-        (k for k in HONEST_SCORES if None not in (_score(new_tags, k), _score(old_tags, k))),
+        (k for k in HONEST_SCORES if None not in (tag_score(new_tags, k), tag_score(old_tags, k))),
         HONEST_SCORES[-1],
     )
-    new, old = _score(new_tags, key), _score(old_tags, key)
+    new, old = tag_score(new_tags, key), tag_score(old_tags, key)
     what = key.removeprefix("kaggle_dice_").replace("_", "-")
     if new is not None and (old is None or new > old):
         promote(client, name, version)

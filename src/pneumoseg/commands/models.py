@@ -13,7 +13,6 @@ from pneumoseg.registry import (
     CHAMPION,
     LINEAGE_TAGS,
     RegistryError,
-    _score,
     get_version,
     mlflow_errors,
     open_client,
@@ -21,6 +20,7 @@ from pneumoseg.registry import (
     registered_model,
     registry_lock,
     rollback,
+    tag_score,
 )
 from pneumoseg.tracking import tracking_uri
 
@@ -51,9 +51,9 @@ def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
                 "aliases": sorted(by_version.get(str(mv.version), [])),
                 "created": _time(mv.creation_timestamp),
                 "git_commit": tags.get("git_commit", ""),
-                "kaggle_dice": _score(tags, "kaggle_dice"),
-                "kaggle_dice_cross_fitted": _score(tags, "kaggle_dice_cross_fitted"),
-                "kaggle_dice_untouched": _score(tags, "kaggle_dice_untouched"),
+                "kaggle_dice": tag_score(tags, "kaggle_dice"),
+                "kaggle_dice_cross_fitted": tag_score(tags, "kaggle_dice_cross_fitted"),
+                "kaggle_dice_untouched": tag_score(tags, "kaggle_dice_untouched"),
                 "kaggle_dice_untouched_ci95": interval(tags, "kaggle_dice_untouched"),
                 "pipeline_run_id": tags.get("pipeline_run_id"),
                 "run_id": mv.run_id,
@@ -111,7 +111,7 @@ def describe_version(client: MlflowClient, name: str, ref: str | None) -> dict[s
 def interval(tags: dict[str, str], key: str) -> list[float] | None:
     """A score's 95% interval from its ``_ci95_low`` / ``_high`` tags (None: not recorded,
     e.g. a version registered before the interval was)."""
-    low, high = _score(tags, f"{key}_ci95_low"), _score(tags, f"{key}_ci95_high")
+    low, high = tag_score(tags, f"{key}_ci95_low"), tag_score(tags, f"{key}_ci95_high")
     return None if low is None or high is None else [low, high]
 
 

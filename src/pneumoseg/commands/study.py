@@ -16,7 +16,7 @@ from typing import Any
 
 from pneumoseg.params import Params
 from pneumoseg.studies.config import load_study, mlflow_key, parse_duration, study_config
-from pneumoseg.studies.report import _fmt, best_values, format_summary, study_summary
+from pneumoseg.studies.report import best_values, format_summary, format_value, study_summary
 from pneumoseg.studies.runner import StudyRunner
 from pneumoseg.studies.yaml_edit import PROVENANCE_KEY, apply_to_file, hydra_value
 
@@ -65,7 +65,7 @@ def apply(
     changes = apply_to_file(Path(params_file), values | {PROVENANCE_KEY: applied})
     print(f"{params_file}: best trial {best.number} of study {name} (value {best.value:.4f})")
     for key, old, new in changes:
-        print(f"  {key}: {_fmt(old)} -> {_fmt(new)}")
+        print(f"  {key}: {format_value(old)} -> {format_value(new)}")
     print("next: git diff params.yaml && dvc repro")
     return {"trial": best.number, "value": best.value, "values": values, "exp": False}
 

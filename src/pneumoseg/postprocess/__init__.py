@@ -42,13 +42,12 @@ from pneumoseg.postprocess.blend import (
     WeightedMaps,
     WeightFit,
     blended_scorer,
-    deployed_weights,
-    fit_oof_weights,
     fit_weights,
     normalised,
     oof_members,
     weight_grid,
 )
+from pneumoseg.postprocess.oof import deployed_weights, fit_oof_weights, oof_scorer
 from pneumoseg.postprocess.scorer import (
     N_LEVELS,
     TripletScorer,
@@ -56,7 +55,6 @@ from pneumoseg.postprocess.scorer import (
     gate_levels,
     group_labels,
     kaggle_dice_naive,
-    oof_scorer,
 )
 from pneumoseg.postprocess.search import (
     SearchSettings,

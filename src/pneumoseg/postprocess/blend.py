@@ -16,14 +16,13 @@ member on the images its weights were fitted on. ``evaluate`` cross-fits the fit
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pneumoseg.artifacts import OofSet, load_oof, native_widths, read_manifest
+from pneumoseg.artifacts import OofSet
 from pneumoseg.params import MAIN
 from pneumoseg.postprocess.scorer import TripletScorer, exhaustive_best
 from pneumoseg.postprocess.search import SearchSettings
@@ -163,47 +162,3 @@ def fit_weights(
         table = [{"weights": w, "score": s} for w, s in zip(grid, values, strict=True)]
         fits[key] = WeightFit(grid[best], values[best], table)
     return fits
-
-
-def fit_oof_weights(
-    oof_dir: str | Path,
-    processed_dir: str | Path,
-    thresholds: Any,
-    step: float,
-    subsets: Callable[[np.ndarray], Mapping[Any, np.ndarray | None]],
-) -> dict[Any, WeightFit]:
-    """:func:`fit_weights` on the OOF set of ``oof_dir`` with the triplet grid of the
-    ``thresholds`` params section; ``subsets`` maps the rows' folds to the named subsets
-    ({} without ensemble members)."""
-    oof = load_oof(oof_dir)
-    if not oof.members:
-        return {}
-    manifest = read_manifest(processed_dir)
-    native = native_widths(oof.ids, manifest)
-    maps, cls = oof_members(oof)
-    settings = SearchSettings.of(thresholds, all(c is not None for c in cls.values()))
-    return fit_weights(maps, oof.masks, native, cls, settings, step, subsets(oof.folds))
-
-
-def deployed_weights(
-    oof_dir: str | Path, processed_dir: str | Path, thresholds: Any, mode: str, step: float
-) -> tuple[dict[str, float] | None, dict[str, Any]]:
-    """The weights ``thresholds`` deploys (``mode`` fitted: the fit on all OOF images; equal:
-    the plain mean; None without members) and ``{"member_weight_fit": report}`` (each grid
-    candidate's score, each member alone, the equal mean) for ``postprocess.json``."""
-    everything = {"all": None}
-    fits = fit_oof_weights(oof_dir, processed_dir, thresholds, step, lambda _: everything)
-    if not fits:
-        return None, {}
-    fit = fits["all"]
-    names = list(fit.weights)
-    weights = fit.weights if mode == "fitted" else {n: 1 / len(names) for n in names}
-    report = {
-        "mode": mode,
-        "step": step,
-        "score": fit.score if mode == "fitted" else fit.equal,
-        "equal": fit.equal,
-        "alone": {n: fit.alone(n) for n in names},
-        "candidates": fit.candidates,
-    }
-    return weights, {"member_weight_fit": report}

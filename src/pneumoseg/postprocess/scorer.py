@@ -15,7 +15,6 @@ from pneumoseg.postprocess.components import (
     ComponentTable,
     build_table,
     cached_table,
-    file_fingerprint,
 )
 from pneumoseg.postprocess.triplet import Triplet, apply_triplet, level, scale_area
 
@@ -86,8 +85,9 @@ class TripletScorer:
     be derived from histograms: the first triplet with ``min_component_area > 0`` builds a
     :class:`~pneumoseg.postprocess.components.ComponentTable` in one pass over the maps (one
     max-tree per map: every 8-connected component of ``probs[i] > l`` at every level ``l``, with
-    its area and ground-truth overlap). ``components_cache`` (a folder) keeps that table on disk
-    for the next scorer of the same maps (``thresholds``, then ``evaluate``). A level's
+    its area and ground-truth overlap). ``components_cache`` (a folder and the maps' key, see
+    :func:`~pneumoseg.postprocess.components.file_fingerprint`) keeps that table on disk for the
+    next scorer of the same maps (``thresholds``, then ``evaluate``). A level's
     components are then a vector selection, cached per level, so any ``min_component_area``
     costs O(components) vector ops. The scorer keeps references to ``probs`` and ``masks`` for
     that pass (keep a memmap open while scoring).
@@ -163,6 +163,11 @@ class TripletScorer:
             p = np.ascontiguousarray(self._probs[start:stop])
             g = (np.asarray(self._masks[start:stop]) != 0).view(np.uint8)
             yield start, p, g
+
+    def indices(self, subset: np.ndarray | None) -> np.ndarray:
+        """The integer indices of ``subset`` (indices or a boolean mask; None: every image)."""
+        idx = self._index(subset)
+        return np.arange(self.n) if isinstance(idx, slice) else idx
 
     def _index(self, subset: np.ndarray | None) -> np.ndarray | slice:
         if subset is None:
@@ -366,29 +371,6 @@ def exhaustive_best(
     if best is None:
         raise ValueError("gates must not be empty")
     return best
-
-
-def oof_scorer(
-    oof_dir: str | Path, processed_dir: str | Path, weights: Mapping[str, float] | None = None
-) -> tuple[TripletScorer, list[tuple[str, int]], dict[str, dict[str, str]]]:
-    """A scorer over the OOF maps of ``oof_dir`` (native widths from the manifest), the
-    (ImageId, fold) of every row and the manifest. With ensemble members in the OOF set, the
-    maps are their mean with ``weights`` (None: equal weights; see :mod:`.blend`)."""
-    from pneumoseg.artifacts import load_oof, native_widths, read_manifest
-    from pneumoseg.postprocess.blend import blended_scorer, oof_members
-
-    oof = load_oof(oof_dir)
-    manifest = read_manifest(processed_dir)
-    native = native_widths(oof.ids, manifest)
-    if not oof.members:
-        out = Path(oof_dir)
-        key = file_fingerprint(out / "probs.npy", out / "masks.npy")
-        cache = (Path(COMPONENTS_CACHE), key)
-        scorer = TripletScorer(oof.probs, oof.masks, native, oof.cls, components_cache=cache)
-        return scorer, oof.ids, manifest
-    maps, cls = oof_members(oof)
-    weights = weights or {name: 1.0 for name in maps}
-    return blended_scorer(maps, oof.masks, native, cls, weights), oof.ids, manifest
 
 
 def group_labels(

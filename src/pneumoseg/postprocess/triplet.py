@@ -10,13 +10,23 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:
-    from pneumoseg.postprocess.scorer import TripletScorer
+
+class ImageScorer(Protocol):
+    """What scoring a triplet per image needs of a scorer (:class:`~pneumoseg.postprocess.scorer.
+    TripletScorer` is one); this module sits below the scorer and does not import it."""
+
+    n: int
+
+    def indices(self, subset: np.ndarray | None) -> np.ndarray: ...
+
+    def per_image(self, t: Triplet, subset: np.ndarray | None = None) -> np.ndarray: ...
+
+    def predicted_pixels(self, t: Triplet, subset: np.ndarray | None = None) -> np.ndarray: ...
 
 
 def level(t: float) -> int:
@@ -152,21 +162,21 @@ class PostProcess:
         return self.groups.get(str(meta.get(self.group_by) or "unknown"), self.default)
 
     def per_image(
-        self, scorer: TripletScorer, groups: np.ndarray | None, subset: np.ndarray | None = None
+        self, scorer: ImageScorer, groups: np.ndarray | None, subset: np.ndarray | None = None
     ) -> np.ndarray:
         """Kaggle dice of each image of ``subset`` (all by default) with its triplet;
         ``groups``: the images' values of ``group_by`` (see :func:`group_labels`)."""
         return self._each(scorer, groups, subset, "per_image")
 
     def predicted_pixels(
-        self, scorer: TripletScorer, groups: np.ndarray | None, subset: np.ndarray | None = None
+        self, scorer: ImageScorer, groups: np.ndarray | None, subset: np.ndarray | None = None
     ) -> np.ndarray:
         """The predicted mask's pixel count (at the map size) of each image with its triplet."""
         return self._each(scorer, groups, subset, "predicted_pixels")
 
     def _each(
         self,
-        scorer: TripletScorer,
+        scorer: ImageScorer,
         groups: np.ndarray | None,
         subset: np.ndarray | None,
         statistic: str,
@@ -186,7 +196,7 @@ class PostProcess:
 
 
 def grouped_dice(
-    scorer: TripletScorer,
+    scorer: ImageScorer,
     groups: np.ndarray | None,
     triplets: Mapping[str, Triplet],
     subset: np.ndarray | None = None,
@@ -198,9 +208,7 @@ def grouped_dice(
     ``groups`` None: every image takes ``default`` (or the only triplet). ``statistic``: the
     scorer's per-image method to evaluate instead (``predicted_pixels``)."""
     per_image = getattr(scorer, statistic)
-    idx = np.arange(scorer.n) if subset is None else np.asarray(scorer._index(subset))
-    if isinstance(idx, slice):
-        idx = np.arange(scorer.n)
+    idx = scorer.indices(subset)
     if groups is None:
         t = default if default is not None else next(iter(triplets.values()))
         return per_image(t, idx)
@@ -221,7 +229,7 @@ def grouped_dice(
     return out if out is not None else np.empty(0)
 
 
-def score_grouped(scorer: TripletScorer, groups: np.ndarray, triplets: dict[str, Triplet]) -> float:
+def score_grouped(scorer: ImageScorer, groups: np.ndarray, triplets: dict[str, Triplet]) -> float:
     """Mean Kaggle dice over ALL images, each image scored with its group's triplet.
 
     The score is additive over groups (``sum_g n_g / N * score_g(triplet_g)``, each term

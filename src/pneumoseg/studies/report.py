@@ -155,8 +155,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         [
             str(t["number"]),
             t["state"],
-            _fmt(t["value"]),
-            *(_fmt(t["params"].get(n)) for n in names),
+            format_value(t["value"]),
+            *(format_value(t["params"].get(n)) for n in names),
         ]
         for t in trials
     ]
@@ -167,7 +167,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if best:
         out.write(f"best: trial {best['number']} value {best['value']:.4f}\n")
         for k, v in best["params"].items():
-            out.write(f"  {k}: {_fmt(v)}\n")
+            out.write(f"  {k}: {format_value(v)}\n")
     else:
         out.write("best: none yet (no completed trial)\n")
     if summary["importances"]:
@@ -177,7 +177,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     return out.getvalue()
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A param or score for a table: 4 significant digits, "-" for None."""
     if v is None:
         return "-"
     if isinstance(v, float):

@@ -135,11 +135,25 @@ class Measure:
     n: int
     wall_s: float
     cpu_s: float
-    peak_rss_mib: float
+    peak_rss_mib: float  # anonymous memory (RssAnon): what the processes hold themselves
     disk_mib: float  # what the stage left on disk (the project folder's growth)
+    peak_rss_total_mib: float = 0.0  # RSS as ps shows it: also the memory-mapped file pages
 
 
 last_output: list[str] = [""]  # what the last measured command printed
+
+
+def anonymous_rss(pid: int) -> int:
+    """A process's anonymous resident memory in bytes (``RssAnon``): its heap and arrays, not
+    the pages of files it maps (memory-mapped maps and arrays show in RSS but are page cache
+    the kernel can drop)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def disk_used(folder: Path) -> int:
@@ -159,11 +173,12 @@ def measured(stage: str, n: int, cmd: list[str], cwd: Path) -> Measure:
     start = time.perf_counter()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = psutil.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peak = 0
+    peak = peak_total = 0
     while proc.poll() is None:
         try:
             tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            peak = max(peak, sum(anonymous_rss(p.pid) for p in tree))
+            peak_total = max(peak_total, sum(p.memory_info().rss for p in tree))
         except psutil.Error:
             pass
         time.sleep(0.1)
@@ -174,7 +189,7 @@ def measured(stage: str, n: int, cmd: list[str], cwd: Path) -> Measure:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - used.ru_utime) + (after.ru_stime - used.ru_stime)
     growth = (disk_used(cwd) - before) / 2**20
-    result = Measure(stage, n, wall, cpu, peak / 2**20, growth)
+    result = Measure(stage, n, wall, cpu, peak / 2**20, growth, peak_total / 2**20)
     last_output[:] = [output]
     print(f"  {stage:<24} N={n:>6}: {wall:8.1f} s wall, {cpu:8.1f} s CPU, "
           f"{result.peak_rss_mib:7.0f} MiB RSS, {growth:9.0f} MiB disk", flush=True)  # fmt: skip
@@ -349,10 +364,11 @@ def table(measures: list[Measure], slopes: dict[str, dict[str, float]], date: st
         slope = [f"{k['time']:.2f}", f"{k['rss']:.2f}"] if k else ["-", "-"]
         lines.append(f"| {stage} | " + " | ".join(cells + slope) + " |")
     note = (
-        f"\n(`make rehearse`, {date}, 2 cores, 24 GiB, no GPU. Each cell: wall time, peak RSS of "
-        "the stage's processes, disk it left. k: least-squares slope of log(wall time) and "
-        "log(peak RSS) against log(N). OOF maps generated, not predicted; training measured per "
-        "step, in `bench/results/rehearsal.json`.)\n"
+        f"\n(`make rehearse`, {date}, 2 cores, 24 GiB, no GPU. Each cell: wall time, peak "
+        "anonymous RSS of the stage's processes (RssAnon: without the pages of memory-mapped "
+        "files, which the JSON has too), disk it left. k: least-squares slope of log(wall "
+        "time) and log(peak RssAnon) against log(N). OOF maps generated, not predicted; "
+        "training measured per step, in `bench/results/rehearsal.json`.)\n"
     )
     return "\n".join(lines) + "\n" + note
 

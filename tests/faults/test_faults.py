@@ -99,6 +99,11 @@ def fault_mid_work(
     proc.wait(timeout=600)
     if landed and signum == signal.SIGKILL and proc.returncode != -signal.SIGKILL:
         landed = False  # it ended between the check and the kill (nothing survives a kill)
+    if landed and proc.returncode == 0:
+        # it had done its work and was exiting (a signal then is reported by the interpreter's
+        # shutdown as ignored): not mid-work; a signal that a working stage swallows fails
+        # every retry instead
+        landed = False
     worked = time.monotonic() - began_at
     reader.join(timeout=60)
     done = subprocess.CompletedProcess(proc.args, proc.returncode, "", "".join(lines))
